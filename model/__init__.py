@@ -1,0 +1,9 @@
+"""The recursive GPT (torch only): config, layers, recursion, losses, halting head, EMA, FLOPs."""
+
+from model.config import PRESETS, GPTConfig
+from model.ema import EMA
+from model.gpt import ModelOutput, RecursiveGPT, StepOutput
+from model.losses import improvement_reward, step_weights
+
+__all__ = ["EMA", "PRESETS", "GPTConfig", "ModelOutput", "RecursiveGPT", "StepOutput",
+           "improvement_reward", "step_weights"]

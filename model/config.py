@@ -1,0 +1,235 @@
+"""GPTConfig: the recursive GPT's shape, recursion and objective, with presets and derived figures.
+
+Everything here is plain Python (no tensors), so a config can be validated, described and costed
+(parameters, depths, FLOPs per token) on any machine before a model is built or a node provisioned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# Model shapes of SPEC section 3. B and C use 16 heads: 1024 is not divisible by the seeds' 12.
+PRESETS: dict[str, dict[str, Any]] = {
+    # tiny: CPU and tests. Sequence 256 and the vocabulary of the shipped Shakespeare tokenizer.
+    "tiny": dict(n_layer=2, n_embd=128, n_head=4, n_kv_head=2, n_loops=2, T_recursion=2,
+                 N_sup=4, N_sup_inference=4, sequence_len=256, vocab_size=4096),
+    "A": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, n_loops=3, T_recursion=2,
+              N_sup=8, N_sup_inference=8),
+    "B": dict(n_layer=16, n_embd=1024, n_head=16, n_kv_head=4, n_loops=4, T_recursion=2,
+              N_sup=8, N_sup_inference=8),
+    "C": dict(n_layer=20, n_embd=1024, n_head=16, n_kv_head=4, n_loops=4, T_recursion=2,
+              N_sup=12, N_sup_inference=12),
+    "D": dict(n_layer=24, n_embd=1536, n_head=16, n_kv_head=4, n_loops=4, T_recursion=2,
+              N_sup=12, N_sup_inference=12, sequence_len=2048),
+}
+
+
+@dataclass
+class GPTConfig:
+    """Shape, recursion and training objective of a RecursiveGPT."""
+
+    vocab_size: int = 50304
+    """Rows of the embedding and lm_head. Padded up to a multiple of 64 (the tokenizer's own
+    vocabulary may be smaller; the extra rows are never targets)."""
+    sequence_len: int = 1024
+    """Longest input the model accepts (RoPE tables are built for it)."""
+    n_layer: int = 12
+    """Blocks in the shared stack; one application of the stack runs all of them."""
+    n_embd: int = 768
+    """Width of x, y, z and the residual stream."""
+    n_head: int = 12
+    """Query heads; must divide n_embd."""
+    n_kv_head: int = 4
+    """Key/value heads (GQA); must divide n_head. n_kv_head == n_head is plain multi-head."""
+    mlp_multiple_of: int = 64
+    """SwiGLU hidden width is 8/3 * n_embd rounded up to a multiple of this."""
+    n_loops: int = 3
+    """z-updates per latent recursion (TRM's n): z <- stack(z + x + y), n_loops times."""
+    T_recursion: int = 2
+    """Latent recursions per supervision step; the first T-1 run without gradients."""
+    N_sup: int = 8
+    """Supervision steps per training batch (deep supervision); states are detached between."""
+    N_sup_inference: int = 8
+    """Supervision steps at inference (upper bound when halting is on)."""
+    norm_style: Literal["post", "pre"] = "post"
+    """'post': TRM blocks h = RMSNorm(h + f(h)). 'pre': h = h + f(RMSNorm(h)) with an RMSNorm on
+    the stack's output. Both keep the state's magnitude bounded over thousands of applications."""
+    state_init: Literal["learned", "input"] = "learned"
+    """'learned': y0, z0 are learned vectors broadcast over batch and sequence (TRM's H_init,
+    L_init). 'input': y0 = x (token embeddings), z0 learned."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    supervision_weight_base: float = 5.0
+    """Hierarchical step weights w_s ∝ base ** ((s-1)/(N_sup-1)), normalised to sum to 1."""
+    improvement_reward_scale: float = 0.1
+    """Scale of R = Σ_{s≥2} relu(L_s − stopgrad(L_{s−1})); 0 disables it."""
+    halting: bool = False
+    """Adaptive computation: a halting head on y predicts whether the step's argmax is right."""
+    halt_loss_weight: float = 0.5
+    """Weight of the halting head's BCE loss (averaged over supervision steps)."""
+    halt_threshold: float = 0.5
+    """At inference, stop once the mean halting probability passes this."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        """A named preset (tiny, A, B, C, D) with keyword overrides; unknown keys are refused."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        known = cls.field_names()
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**{k: coerce(cls, k, v) for k, v in d.items()})
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls) if f.init}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        return GPTConfig.from_dict({**self.to_dict(), **changes})
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Refuse a broken config with a message that names the key and the rule."""
+        positive = ["vocab_size", "sequence_len", "n_layer", "n_embd", "n_head", "n_kv_head",
+                    "mlp_multiple_of", "n_loops", "T_recursion", "N_sup", "N_sup_inference"]
+        for k in positive:
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{k} must be an integer >= 1, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head dim n_embd/n_head ({self.n_embd // self.n_head}) must be even"
+                             " for RoPE")
+        if self.norm_style not in ("post", "pre"):
+            raise ValueError(f"norm_style must be 'post' or 'pre', got {self.norm_style!r}")
+        if self.state_init not in ("learned", "input"):
+            raise ValueError(f"state_init must be 'learned' or 'input', got {self.state_init!r}")
+        for k in ("supervision_weight_base", "rope_theta", "norm_eps"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"{k} must be > 0, got {getattr(self, k)!r}")
+        for k in ("improvement_reward_scale", "halt_loss_weight"):
+            if not getattr(self, k) >= 0:
+                raise ValueError(f"{k} must be >= 0 (a negative weight rewards a worse loss), "
+                                 f"got {getattr(self, k)!r}")
+        if not 0.0 < self.halt_threshold < 1.0:
+            raise ValueError(f"halt_threshold must be in (0, 1), got {self.halt_threshold!r}")
+
+    # ----------------------------------------------------------------- derived figures
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        m = self.mlp_multiple_of
+        return m * math.ceil(8 * self.n_embd / 3 / m)
+
+    @property
+    def applications_per_recursion(self) -> int:
+        """Block applications in one latent recursion: n_loops z-updates + one y-update."""
+        return self.n_layer * (self.n_loops + 1)
+
+    @property
+    def effective_depth(self) -> int:
+        """All block applications per training forward: n_layer·(n_loops+1)·T·N_sup."""
+        return self.applications_per_recursion * self.T_recursion * self.N_sup
+
+    @property
+    def gradient_depth(self) -> int:
+        """Block applications that carry gradients: n_layer·(n_loops+1)·N_sup."""
+        return self.applications_per_recursion * self.N_sup
+
+    def block_params(self) -> int:
+        """Parameters of one block: GQA attention, SwiGLU MLP, two RMSNorm weights."""
+        e, kv = self.n_embd, self.n_kv_head * self.head_dim
+        attn = e * e + 2 * e * kv + e * e          # q, k, v, o
+        mlp = 3 * e * self.mlp_hidden              # gate, up, down
+        return attn + mlp + 2 * e
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count without building the model. non_embedding leaves out the token
+        embedding and lm_head (the convention of the preset table)."""
+        e = self.n_embd
+        n = self.n_layer * self.block_params()
+        n += e                                     # final norm
+        n += e if self.norm_style == "pre" else 0  # norm on the stack's output
+        n += 2 * e if self.state_init == "learned" else e  # y_init, z_init
+        n += (e + 1) if self.halting else 0        # halting head
+        if not non_embedding:
+            n += 2 * self.vocab_size * e           # embedding + untied lm_head
+        return n
+
+    def flops_per_token(self, training: bool = True) -> int:
+        """Matmul FLOPs per token (multiply-add = 2), counted exactly from the recursion.
+
+        Per block application per token: 2·(linear weights) + 4·sequence_len·n_embd for the two
+        attention matmuls (full sequence, as FlopCounterMode counts SDPA and as MFU conventions do).
+        Training: the graded recursion costs forward + backward (3x), the T-1 no-grad recursions
+        forward only (1x); lm_head and halting head run once per supervision step (3x).
+        Inference: N_sup_inference steps of T recursions, forward only.
+        """
+        e, kv = self.n_embd, self.n_kv_head * self.head_dim
+        linear = e * e + 2 * e * kv + e * e + 3 * e * self.mlp_hidden
+        per_app = 2 * linear + 4 * self.sequence_len * e
+        head = 2 * e * self.vocab_size + (2 * e if self.halting else 0)
+        apps = self.applications_per_recursion
+        if training:
+            per_step = apps * per_app * (3 + (self.T_recursion - 1)) + 3 * head
+            return self.N_sup * per_step
+        return self.N_sup_inference * (apps * per_app * self.T_recursion + head)
+
+    def summary(self) -> dict[str, Any]:
+        """The derived figures printed at start and stored with the run."""
+        return {
+            "params_non_embedding": self.num_params(non_embedding=True),
+            "params_total": self.num_params(non_embedding=False),
+            "effective_depth": self.effective_depth,
+            "gradient_depth": self.gradient_depth,
+            "flops_per_token_train": self.flops_per_token(training=True),
+            "flops_per_token_inference": self.flops_per_token(training=False),
+            "head_dim": self.head_dim,
+            "mlp_hidden": self.mlp_hidden,
+        }
+
+
+def coerce(cls: type, key: str, value: Any) -> Any:
+    """Turn a command-line string into the field's type (int, float, bool, str)."""
+    if not isinstance(value, str):
+        return value
+    ftype = {f.name: f.type for f in dataclasses.fields(cls)}[key]
+    ftype = str(ftype)
+    try:
+        if ftype == "int":
+            return int(value)
+        if ftype == "float":
+            return float(value)
+        if ftype == "bool":
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+    except ValueError:
+        raise ValueError(f"{key} expects {ftype}, got {value!r}") from None
+    return value
