@@ -1,0 +1,199 @@
+"""Sharded, atomic checkpoints in DeepSpeed's layout, on a local path or object storage (fsspec).
+
+    checkpoints/
+      latest                    DeepSpeed's pointer: the newest COMPLETE tag
+      zero_to_fp32.py           DeepSpeed's own consolidation script
+      step_00000100/
+        mp_rank_00_model_states.pt, *zero_pp_rank_R_*optim_states.pt   (DeepSpeed, per rank)
+        trmgpt/state.json        step, tokens, config, wandb id, world size, data state (rank 0)
+        trmgpt/rank_0000R.pt     EMA of what rank R holds, torch RNG (tensors only)
+        trmgpt/rank_0000R.json   this rank's data-pipeline state and Python RNG
+        COMPLETE                 written last, by rank 0, after every rank's files are in place
+
+A tag without COMPLETE is never chosen, so a crash while saving leaves the previous checkpoint as
+the one to resume. Remote roots are staged in a local folder and uploaded before COMPLETE. Every
+file is loaded with weights_only=True (launcher.safe_load). A resume on a different world size goes
+through DeepSpeed's universal checkpoint (ds_to_universal), converted once per node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from launcher.dist import DistInfo, barrier
+from launcher.safe_load import safe_load, verify_checkpoint_files
+
+TAG_RE = re.compile(r"^step_(\d{8})$")
+MARKER = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@dataclass
+class ResumePoint:
+    tag: str
+    local_dir: Path          # the DeepSpeed checkpoint root holding tag/, on local disk
+    meta: dict[str, Any]     # the COMPLETE marker
+    state: dict[str, Any]    # trmgpt/state.json
+
+    @property
+    def world_size(self) -> int:
+        return int(self.meta["world_size"])
+
+
+class Checkpointer:
+    def __init__(self, root: str, info: DistInfo, keep_last: int, stage_dir: Path) -> None:
+        self.root = root.rstrip("/")
+        self.fs, self.root_path = fsspec.core.url_to_fs(self.root)
+        self.remote = not isinstance(self.fs, LocalFileSystem)
+        self.local = stage_dir / "checkpoints" if self.remote else Path(self.root_path)
+        self.info = info
+        self.keep_last = keep_last
+
+    # ------------------------------------------------------------------ listing
+    def complete_tags(self) -> list[str]:
+        """Tags whose COMPLETE marker exists, oldest first."""
+        if not self.fs.exists(self.root_path):
+            return []
+        tags = []
+        for p in self.fs.ls(self.root_path, detail=False):
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            if TAG_RE.match(name) and self.fs.exists(f"{self.root_path}/{name}/{MARKER}"):
+                tags.append(name)
+        return sorted(tags)
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, engine, state: dict[str, Any], rank_tensors: dict[str, Any],
+             rank_json: dict[str, Any]) -> str:
+        """Every rank calls this. Returns the tag once the checkpoint is complete."""
+        tag = tag_for(step)
+        r = self.info.rank
+        engine.save_checkpoint(str(self.local), tag=tag, save_latest=False)
+        own = self.local / tag / "trmgpt"
+        own.mkdir(parents=True, exist_ok=True)
+        torch.save(rank_tensors, own / f"rank_{r:05d}.pt")
+        (own / f"rank_{r:05d}.json").write_text(json.dumps(rank_json))
+        if r == 0:
+            (own / "state.json").write_text(json.dumps(state, indent=1))
+        fault_hook("kill_in_save", step)
+        barrier()
+        if self.remote and self.info.local_rank == 0:
+            self.fs.put(str(self.local / tag), f"{self.root_path}/", recursive=True)
+            if (self.local / "zero_to_fp32.py").exists():
+                self.fs.put(str(self.local / "zero_to_fp32.py"), f"{self.root_path}/")
+        barrier()
+        if r == 0:
+            meta = {"step": step, "world_size": self.info.world_size,
+                    "zero_stage": engine.zero_optimization_stage()}
+            self.write_text(f"{tag}/{MARKER}", json.dumps(meta))
+            self.write_text("latest", tag)  # DeepSpeed's own pointer, for its tools
+            self.prune()
+        barrier()
+        return tag
+
+    def write_text(self, rel: str, text: str) -> None:
+        if self.remote:
+            with self.fs.open(f"{self.root_path}/{rel}", "w") as f:
+                f.write(text)
+            return
+        path = self.local / rel
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)  # atomic on a local filesystem
+
+    def prune(self) -> None:
+        """Keep the newest keep_last complete checkpoints; drop older and abandoned ones."""
+        tags = self.complete_tags()
+        keep = set(tags[-self.keep_last:])
+        newest = tags[-1] if tags else None
+        for p in self.fs.ls(self.root_path, detail=False):
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            if TAG_RE.match(name) and name not in keep and newest and name < newest:
+                self.fs.rm(f"{self.root_path}/{name}", recursive=True)
+                if self.remote:
+                    shutil.rmtree(self.local / name, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def find(self, which: str) -> ResumePoint | None:
+        """'latest' (None if the run has no complete checkpoint) or a path to a tag folder."""
+        if which == "latest":
+            tags = self.complete_tags()
+            if not tags:
+                return None
+            return self.fetch(self, tags[-1])
+        src = Checkpointer(str(Path(which).parent) if "://" not in which
+                           else which.rstrip("/").rsplit("/", 1)[0],
+                           self.info, self.keep_last, self.local.parent / "resume_src")
+        tag = which.rstrip("/").rsplit("/", 1)[-1]
+        if tag not in src.complete_tags():
+            raise ValueError(f"{which} is not a complete checkpoint (no {MARKER} marker)")
+        return self.fetch(src, tag)
+
+    def fetch(self, src: Checkpointer, tag: str) -> ResumePoint:
+        """Bring a remote tag to local disk (once per node), check it is safe to load."""
+        if src.remote and self.info.local_rank == 0:
+            src.local.mkdir(parents=True, exist_ok=True)
+            if not (src.local / tag / MARKER).exists():
+                src.fs.get(f"{src.root_path}/{tag}", str(src.local / tag), recursive=True)
+        barrier()
+        verify_checkpoint_files(src.local / tag)
+        meta = json.loads((src.local / tag / MARKER).read_text())
+        state = json.loads((src.local / tag / "trmgpt" / "state.json").read_text())
+        return ResumePoint(tag=tag, local_dir=src.local, meta=meta, state=state)
+
+    def universal(self, rp: ResumePoint) -> ResumePoint:
+        """Convert to DeepSpeed's universal format for a different world size (once per node)."""
+        out_root = rp.local_dir.parent / "universal"
+        out = out_root / rp.tag
+        if self.info.local_rank == 0 and not (out / MARKER).exists():
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                   "--input_folder", str(rp.local_dir / rp.tag), "--output_folder", str(out)]
+            if int(rp.meta["zero_stage"]) in (1, 2):
+                cmd.append("--inject_missing_state")  # this DeepSpeed needs it for ZeRO-1/2
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"ds_to_universal failed on {rp.local_dir / rp.tag}:\n"
+                                   f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+            # our own files ride along so the universal folder is a whole resume point
+            shutil.copytree(rp.local_dir / rp.tag / "trmgpt", out / "trmgpt", dirs_exist_ok=True)
+            shutil.copy(rp.local_dir / rp.tag / MARKER, out / MARKER)
+        barrier()
+        return ResumePoint(tag=rp.tag, local_dir=out_root, meta=rp.meta, state=rp.state)
+
+    @staticmethod
+    def rank_files(rp: ResumePoint, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        d = rp.local_dir / rp.tag / "trmgpt"
+        return safe_load(d / f"rank_{rank:05d}.pt"), json.loads(
+            (d / f"rank_{rank:05d}.json").read_text())
+
+
+def fault_hook(name: str, step: int) -> None:
+    """Fault injection for tests: TRMGPT_FAULTS='kill_in_save@20,nan@5'. Kills the process
+    (as a worker lost mid-save would be) when the named point is reached at that step."""
+    spec = os.environ.get("TRMGPT_FAULTS", "")
+    if f"{name}@{step}" in spec.split(","):
+        print(f"[fault injection] {name} at step {step}", flush=True)
+        os._exit(137)
+
+
+def faults_at(name: str) -> set[int]:
+    out = set()
+    for item in os.environ.get("TRMGPT_FAULTS", "").split(","):
+        if item.startswith(name + "@"):
+            out.add(int(item.split("@", 1)[1]))
+    return out

@@ -1,0 +1,343 @@
+"""The training loop: a preset and a data spec in, a trained recursive GPT and its checkpoints out.
+
+Runs the same on one process, under torchrun/deepspeed, and inside Ray Train workers: it reads
+rank and world size from the environment. `train_step` shows the deep supervision in plain sight.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.checkpoint import Checkpointer, ResumePoint, faults_at
+from launcher.config import RunConfig
+from launcher.dist import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, print0
+from launcher.metrics import MetricsLogger, memory_gb, peak_flops_per_device
+from launcher.parallelize import parallelize
+from model import EMA
+
+
+# ---------------------------------------------------------------------------- the step
+def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: int,
+               update_mode: str, nan_at_step: bool = False) -> tuple[list[float], bool]:
+    """One training batch = N_sup supervision steps on each micro-batch.
+
+    Each engine call is one supervision step: T-1 recursions without gradients, one with, the
+    head and the step's loss (model.supervision_step). Its share of the objective
+    (w_s·L_s + improvement penalty [+ halting]) is backpropagated at once, so only one step's
+    activations are alive; y and z come back detached. The engine divides every backward by its
+    gradient_accumulation_steps, hence the factor n_sup; engine.step() only applies at the
+    accumulation boundary:
+      accumulate: boundary after all N_sup steps of all micro-batches (one update per batch);
+      per_step:   boundary after step s of every micro-batch (one update per supervision step).
+    A non-finite loss on any rank skips the batch's update everywhere. Returns the mean loss per
+    supervision step and whether the update was applied.
+    """
+    device = engine.device
+    ok = True
+    step_losses = [0.0] * n_sup
+    states: list[tuple[Any, Any, Any]] = [(None, None, None)] * len(batches)
+    order = ([(i, s) for i in range(len(batches)) for s in range(n_sup)]
+             if update_mode == "accumulate" else
+             [(i, s) for s in range(n_sup) for i in range(len(batches))])
+    for i, s in order:
+        idx, tgt = (t.to(device, non_blocking=True) for t in batches[i])
+        y, z, prev = states[i]
+        objective, loss, y, z = engine(idx, y, z, tgt, s, prev)
+        if nan_at_step and s == n_sup - 1:
+            objective = objective * float("nan")  # fault injection (TRMGPT_FAULTS=nan@STEP)
+        ok = ok and not any_rank(not bool(torch.isfinite(objective)))
+        if ok:
+            engine.backward(objective * n_sup)
+        if engine.is_gradient_accumulation_boundary() and not ok:
+            skip_update(engine)
+        engine.step()
+        states[i] = (y, z, loss.detach())
+        step_losses[s] += loss.item() / len(batches)
+    return step_losses, ok
+
+
+def skip_update(engine) -> None:
+    """Make the coming optimizer step a no-op on the weights: learning rate 0 for this one step
+    (the scheduler sets it back right after). The poisoned objective was never backpropagated."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+
+
+# ---------------------------------------------------------------------------- EMA per rank
+def ema_tensors(model: torch.nn.Module, zero3: bool):
+    """What this rank holds of each parameter: all of it, or its ZeRO-3 partition."""
+    for name, p in model.named_parameters():
+        yield name, (p.ds_tensor if zero3 else p.data)
+
+
+def ema_full_from_shards(rp: ResumePoint) -> dict[str, torch.Tensor]:
+    """Rebuild full EMA tensors from a checkpoint's per-rank shards (any ZeRO stage)."""
+    numels = rp.state["ema"]["numel"]
+    layout = rp.state["ema"]["layout"]
+    ranks = range(rp.world_size) if layout == "zero3" else [0]
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in numels}
+    for r in ranks:
+        tensors, _ = Checkpointer.rank_files(rp, r)
+        for n in numels:
+            parts[n].append(tensors["ema"][n].flatten())
+    shapes = rp.state["ema"]["shape"]
+    return {n: torch.cat(parts[n])[: numels[n]].view(shapes[n]) for n in numels}
+
+
+def ema_load(ema: EMA, model, rp: ResumePoint, zero3: bool, rank: int) -> None:
+    same = rp.world_size == int(os.environ.get("WORLD_SIZE", 1))
+    if zero3 and same and rp.state["ema"]["layout"] == "zero3":
+        tensors, _ = Checkpointer.rank_files(rp, rank)
+        ema.load_state_dict({"decay": ema.decay, "num_updates": rp.state["ema"]["num_updates"],
+                             "shadow": tensors["ema"]})
+        return
+    full = ema_full_from_shards(rp)
+    shadow = {}
+    for name, t in ema_tensors(model, zero3):
+        flat = full[name].flatten()
+        if zero3:  # this rank's contiguous slice of the flattened parameter, zero-padded
+            n = t.numel()
+            piece = flat[rank * n: rank * n + n]
+            flat = torch.cat([piece, piece.new_zeros(n - piece.numel())])
+        shadow[name] = flat.view(t.shape)
+    ema.load_state_dict({"decay": ema.decay, "num_updates": rp.state["ema"]["num_updates"],
+                         "shadow": shadow})
+
+
+class swapped_in_ema:
+    """Context: the model holds the EMA weights inside, its own weights again after."""
+
+    def __init__(self, ema: EMA, model, zero3: bool) -> None:
+        self.ema, self.model, self.zero3 = ema, model, zero3
+
+    def __enter__(self):
+        self.backup = {n: t.detach().clone() for n, t in ema_tensors(self.model, self.zero3)}
+        self.ema.copy_to(ema_tensors(self.model, self.zero3))
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for n, t in ema_tensors(self.model, self.zero3):
+                t.copy_(self.backup[n])
+
+
+# ---------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate(engine, loader, n_sup: int, n_batches: int, token_bytes: torch.Tensor) -> dict:
+    """Val loss per supervision step, refinement (L_1 − L_N)/L_1 and bits per byte, summed over
+    ranks. Runs through the engine so ZeRO-3 gathers the weights."""
+    engine.eval()
+    sums = [0.0] * n_sup
+    tokens = nbytes = 0.0
+    it = iter(loader)
+    for _ in range(n_batches):
+        try:
+            idx, tgt = next(it)
+        except StopIteration:
+            break
+        idx, tgt = idx.to(engine.device), tgt.to(engine.device)
+        y = z = prev = None
+        for s in range(n_sup):
+            _, loss, y, z = engine(idx, y, z, tgt, s, prev)
+            prev = loss
+            sums[s] += loss.item() * tgt.numel()
+        tokens += tgt.numel()
+        nbytes += token_bytes[tgt.cpu()].sum().item()
+    engine.train()
+    tot = all_reduce_sum(sums + [tokens, nbytes])
+    tokens, nbytes = tot[-2], tot[-1]
+    if tokens == 0:
+        return {}
+    step_losses = [s / tokens for s in tot[:n_sup]]
+    return {"val_loss": step_losses[-1], "val_step_losses": step_losses,
+            "val_refinement": (step_losses[0] - step_losses[-1]) / step_losses[0],
+            "val_bpb": step_losses[-1] * tokens / (math.log(2) * max(nbytes, 1.0))}
+
+
+# ---------------------------------------------------------------------------- the loop
+def rng_state() -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    st = random.getstate()
+    return tensors, [st[0], list(st[1]), st[2]]
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], py: list) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available() and "cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def train(run: RunConfig, run_dir: str, resume: str | None = None) -> int:
+    """Train until max_steps. Returns the process exit code (0 done, 3 stopped on NaNs)."""
+    from data_pipeline import DataSpec, build_loader, load_tokenizer
+
+    info: DistInfo = init_distributed()
+    t, mc = run.train, run.model
+    torch.manual_seed(t.seed + info.rank)
+    random.seed(t.seed + info.rank)
+    run_path = Path(run_dir)
+    stage_dir = Path(os.environ.get("TRMGPT_CACHE", Path.home() / ".cache" / "trmgpt"))
+    ckpt = Checkpointer(str(run_path / "checkpoints"), info, t.keep_last,
+                        stage_dir / "stage" / run_path.name)
+
+    # where do we start? (decided before the engine exists: a new world size loads universal)
+    rp = ckpt.find(resume) if resume else None
+    if resume and resume != "latest" and rp is None:
+        raise ValueError(f"no checkpoint at {resume}")
+    universal = rp is not None and rp.world_size != info.world_size and t.zero_stage > 0
+    if rp is not None:
+        saved = rp.state["config"]
+        if saved["model"] != mc.to_dict():
+            raise ValueError("the checkpoint's model config differs from this run's; resume "
+                             "with the same model keys")
+        if universal:
+            rp = ckpt.universal(rp)
+
+    tok = load_tokenizer(t.tokenizer)
+    if tok.vocab_size > mc.vocab_size:
+        raise ValueError(f"vocab_size ({mc.vocab_size}) is smaller than the tokenizer's "
+                         f"vocabulary ({tok.vocab_size}); set vocab_size={tok.padded_vocab_size}")
+    spec = DataSpec.parse(t.data)
+    ga = t.grad_accum(info.world_size)
+    loader = build_loader(spec, tok, split="train", batch_size=t.device_batch_size,
+                          seq_len=mc.sequence_len, rank=info.rank, world_size=info.world_size,
+                          seed=t.seed, num_workers=t.num_workers, path=t.data_path)
+
+    engine, model, _, sched = parallelize(run, info.world_size, load_universal=universal)
+    zero3 = t.zero_stage == 3
+    ema = EMA(ema_tensors(model, zero3), t.ema_decay)
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "nonfinite_total": 0, "wandb_id": None}
+    if rp is not None:
+        engine.load_checkpoint(str(rp.local_dir), tag=rp.tag, load_optimizer_states=True,
+                               load_lr_scheduler_states=True)
+        ema_load(ema, model, rp, zero3, info.rank)
+        for k in state:
+            state[k] = rp.state[k]
+        if universal or "data_global" in rp.state:
+            loader.load_state_dict(rp.state["data_global"])
+        else:
+            tensors, rj = Checkpointer.rank_files(rp, info.rank)
+            loader.load_state_dict(rj["data"])
+            set_rng_state(tensors["rng"], rj["py_rng"])
+        print0(f"resumed from {rp.local_dir / rp.tag} at step {state['step']}"
+               + (f" (universal: {rp.world_size} -> {info.world_size} ranks)" if universal else ""))
+
+    if info.is_main:
+        run_path.mkdir(parents=True, exist_ok=True)
+        run.save(run_path / "config.json")
+    logger = MetricsLogger(run_path, info.is_main, run, state["wandb_id"])
+    state["wandb_id"] = logger.run_id
+    fig = mc.summary()
+    print0(f"trmgpt | preset {run.preset} | {fig['params_non_embedding'] / 1e6:.2f}M params "
+           f"(non-embedding) | effective depth {fig['effective_depth']} | gradient depth "
+           f"{fig['gradient_depth']} | {fig['flops_per_token_train'] / 1e9:.3f} GFLOP/token "
+           f"| ZeRO-{t.zero_stage} | {info.world_size} rank(s) | grad accum {ga} | "
+           f"{t.update_mode} | run dir {run_path}")
+    if info.is_main:
+        logger.write_figures(fig)
+
+    val_spec = spec
+    token_bytes = tok.token_bytes()
+    tokens_per_step = t.device_batch_size * mc.sequence_len * ga * info.world_size
+    peak = t.peak_flops or peak_flops_per_device()
+    nan_steps = faults_at("nan")
+    in_a_row = 0
+    it = iter(loader)
+    last_good = ckpt.complete_tags()[-1] if ckpt.complete_tags() else None
+
+    def save(step: int) -> str:
+        rng_t, py_rng = rng_state()
+        shadow = ema.state_dict()
+        full_state = {
+            **state, "config": run.to_dict(),
+            "ema": {"layout": "zero3" if zero3 else "full", "num_updates": shadow["num_updates"],
+                    "numel": {n: p.ds_numel if zero3 else p.numel()
+                              for n, p in model.named_parameters()},
+                    "shape": {n: list(p.ds_shape if zero3 else p.shape)
+                              for n, p in model.named_parameters()}},
+        }
+        data_state = loader.state_dict()
+        if data_state.get("global"):
+            full_state["data_global"] = data_state
+        rank_tensors = {"rng": rng_t, "ema": shadow["shadow"] if (zero3 or info.is_main) else {}}
+        return ckpt.save(step, engine, full_state, rank_tensors,
+                         {"data": data_state, "py_rng": py_rng})
+
+    t_last = time.time()
+    step_times: list[float] = []
+    while state["step"] < t.max_steps:
+        step = state["step"] + 1
+        batches = [next(it) for _ in range(ga)]
+        t0 = time.time()
+        step_losses, ok = train_step(engine, batches, mc.N_sup, t.update_mode,
+                                     nan_at_step=step in nan_steps)
+        if ok:
+            ema.update(ema_tensors(model, zero3))
+            in_a_row = 0
+        else:
+            in_a_row += 1
+            state["nonfinite_total"] += 1
+            print0(f"step {step}: non-finite loss, update skipped ({in_a_row} in a row, "
+                   f"{state['nonfinite_total']} in total)")
+        state["step"] = step
+        state["tokens"] += tokens_per_step
+        dt = time.time() - t0
+        step_times.append(dt)
+        if in_a_row >= t.max_nonfinite:
+            print0(f"stopping: {in_a_row} non-finite losses in a row at step {step}. The last "
+                   f"good checkpoint is {last_good or 'none (no checkpoint was written)'}; "
+                   f"resume with --resume latest after fixing the cause.")
+            logger.log(step, {"event": "stopped_nonfinite", "nonfinite_total":
+                              state["nonfinite_total"]}, force=True)
+            logger.finish()
+            return 3
+        if step % t.log_every == 0 or step == t.max_steps or not ok:
+            losses = all_reduce_sum(step_losses)
+            losses = [x / info.world_size for x in losses]
+            recent = step_times[-t.log_every:]
+            tok_s = tokens_per_step / (sum(recent) / len(recent))
+            mfu = (mc.flops_per_token() * tok_s / (peak * info.world_size)) if peak else None
+            eta = (t.max_steps - step) * (time.time() - t_last) / max(1, len(recent))
+            logger.log(step, {
+                "loss": losses[-1], "step_losses": losses,
+                "refinement": (losses[0] - losses[-1]) / losses[0] if losses[0] else 0.0,
+                "tokens_per_s": tok_s, "mfu": mfu, "lr": sched.get_last_lr()[0],
+                "mem_gb": memory_gb(), "tokens": state["tokens"], "skipped": not ok,
+                "nonfinite_total": state["nonfinite_total"], "eta_s": eta})
+            t_last = time.time()
+        if step % t.eval_every == 0 or step == t.max_steps:
+            val_loader = build_loader(val_spec, tok, split="val",
+                                      batch_size=t.device_batch_size, seq_len=mc.sequence_len,
+                                      rank=info.rank, world_size=info.world_size, seed=t.seed,
+                                      num_workers=0, path=t.data_path)
+            with swapped_in_ema(ema, model, zero3):
+                metrics = evaluate(engine, val_loader, mc.N_sup, t.eval_batches, token_bytes)
+            if metrics:
+                logger.log(step, metrics, force=True)
+        if step % t.checkpoint_every == 0 or step == t.max_steps:
+            last_good = save(step)
+    barrier()
+    print0(f"done: {state['step']} steps, {state['tokens']:,} tokens. run dir: {run_path} | "
+           f"metrics: {run_path / 'metrics.jsonl'} | checkpoints: {run_path / 'checkpoints'} | "
+           f"plots: make plot RUN={run_path.name}")
+    logger.finish()
+    return 0
+
+
+def main_train(run: RunConfig, run_dir: str, resume: str | None) -> None:
+    code = train(run, run_dir, resume)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
