@@ -58,7 +58,7 @@ def cmd_train(args, extra: list[str]) -> None:
         sys.exit(subprocess.call(cmd))
     from launcher.train import main_train
 
-    main_train(run, args.run_dir, args.resume)
+    main_train(run, args.run_dir, args.resume, args.stop_after)
 
 
 def cmd_describe(args, extra: list[str]) -> None:
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     add_config_args(p)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--resume", help="'latest' or a checkpoint folder (checkpoints/step_N)")
+    p.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="checkpoint and exit at this step (a job segment); resume goes on")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("describe", help="dry run: config, params, depths, FLOPs, memory")
     add_config_args(p)

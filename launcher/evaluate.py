@@ -11,11 +11,12 @@ def eval_run(run_dir: str, weights: str = "ema", n_batches: int = 8) -> dict:
     """Val loss per supervision step, refinement (L_1 − L_N)/L_1 and bits per byte."""
     from data_pipeline import DataSpec, build_loader, load_tokenizer
     from launcher.export import load_model
+    from launcher.train import token_bytes as bytes_of
 
     run, model = load_model(run_dir, weights)
     t, m = run.train, run.model
     tok = load_tokenizer(t.tokenizer)
-    token_bytes = tok.token_bytes()
+    token_bytes = bytes_of(tok)
     loader = build_loader(DataSpec.parse(t.data), tok, split="val",
                           batch_size=t.device_batch_size, seq_len=m.sequence_len, rank=0,
                           world_size=1, seed=t.seed, num_workers=0, path=t.data_path)

@@ -50,6 +50,7 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.file = open(run_dir / "metrics.jsonl", "a")
         try:
+            os.environ.setdefault("WANDB_SILENT", "true")  # our progress line says enough
             import wandb
 
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"

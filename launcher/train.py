@@ -129,6 +129,21 @@ class swapped_in_ema:
 
 
 # ---------------------------------------------------------------------------- eval
+def token_bytes(tok) -> torch.Tensor:
+    """Bytes of text each token id stands for (0 for special tokens), for bits per byte. In a
+    byte-level BPE every character of a token's string is one byte; otherwise decode it."""
+    import json as _json
+
+    hf = tok.tok
+    byte_level = (_json.loads(hf.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
+    special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+    out = torch.zeros(tok.padded_vocab_size, dtype=torch.long)
+    for text, i in hf.get_vocab(with_added_tokens=True).items():
+        if text not in special:
+            out[i] = len(text) if byte_level else len(hf.decode([i]).encode("utf-8"))
+    return out
+
+
 @torch.no_grad()
 def evaluate(engine, loader, n_sup: int, n_batches: int, token_bytes: torch.Tensor) -> dict:
     """Val loss per supervision step, refinement (L_1 − L_N)/L_1 and bits per byte, summed over
@@ -177,8 +192,10 @@ def set_rng_state(tensors: dict[str, torch.Tensor], py: list) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def train(run: RunConfig, run_dir: str, resume: str | None = None) -> int:
-    """Train until max_steps. Returns the process exit code (0 done, 3 stopped on NaNs)."""
+def train(run: RunConfig, run_dir: str, resume: str | None = None,
+          stop_at: int | None = None) -> int:
+    """Train until max_steps, or checkpoint and leave at step stop_at (a job segment: the
+    schedule still runs to max_steps on resume). Returns the exit code (0 ok, 3 NaNs)."""
     from data_pipeline import DataSpec, build_loader, load_tokenizer
 
     info: DistInfo = init_distributed()
@@ -211,7 +228,8 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None) -> int:
     ga = t.grad_accum(info.world_size)
     loader = build_loader(spec, tok, split="train", batch_size=t.device_batch_size,
                           seq_len=mc.sequence_len, rank=info.rank, world_size=info.world_size,
-                          seed=t.seed, num_workers=t.num_workers, path=t.data_path)
+                          seed=t.seed, num_workers=t.num_workers, path=t.data_path,
+                          num_samples=t.max_steps * t.device_batch_size * ga * info.world_size)
 
     engine, model, _, sched = parallelize(run, info.world_size, load_universal=universal)
     zero3 = t.zero_stage == 3
@@ -223,7 +241,12 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None) -> int:
         ema_load(ema, model, rp, zero3, info.rank)
         for k in state:
             state[k] = rp.state[k]
-        if universal or "data_global" in rp.state:
+        if universal or rp.world_size != info.world_size:
+            if "data_global" not in rp.state:
+                raise ValueError("resuming on a different number of ranks needs the "
+                                 "pre-tokenized data path (global sample order); this run "
+                                 "streams, so resume it on "
+                                 f"{rp.world_size} rank(s)")
             loader.load_state_dict(rp.state["data_global"])
         else:
             tensors, rj = Checkpointer.rank_files(rp, info.rank)
@@ -247,7 +270,7 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None) -> int:
         logger.write_figures(fig)
 
     val_spec = spec
-    token_bytes = tok.token_bytes()
+    tbytes = token_bytes(tok)
     tokens_per_step = t.device_batch_size * mc.sequence_len * ga * info.world_size
     peak = t.peak_flops or peak_flops_per_device()
     nan_steps = faults_at("nan")
@@ -267,7 +290,7 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None) -> int:
                               for n, p in model.named_parameters()}},
         }
         data_state = loader.state_dict()
-        if data_state.get("global"):
+        if data_state.get("path") == "pretok":  # one global position, any world size
             full_state["data_global"] = data_state
         rank_tensors = {"rng": rng_t, "ema": shadow["shadow"] if (zero3 or info.is_main) else {}}
         return ckpt.save(step, engine, full_state, rank_tensors,
@@ -275,7 +298,8 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None) -> int:
 
     t_last = time.time()
     step_times: list[float] = []
-    while state["step"] < t.max_steps:
+    end = min(t.max_steps, stop_at or t.max_steps)
+    while state["step"] < end:
         step = state["step"] + 1
         batches = [next(it) for _ in range(ga)]
         t0 = time.time()
@@ -321,10 +345,10 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None) -> int:
                                       rank=info.rank, world_size=info.world_size, seed=t.seed,
                                       num_workers=0, path=t.data_path)
             with swapped_in_ema(ema, model, zero3):
-                metrics = evaluate(engine, val_loader, mc.N_sup, t.eval_batches, token_bytes)
+                metrics = evaluate(engine, val_loader, mc.N_sup, t.eval_batches, tbytes)
             if metrics:
                 logger.log(step, metrics, force=True)
-        if step % t.checkpoint_every == 0 or step == t.max_steps:
+        if step % t.checkpoint_every == 0 or step == end:
             last_good = save(step)
     barrier()
     print0(f"done: {state['step']} steps, {state['tokens']:,} tokens. run dir: {run_path} | "
@@ -334,8 +358,9 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None) -> int:
     return 0
 
 
-def main_train(run: RunConfig, run_dir: str, resume: str | None) -> None:
-    code = train(run, run_dir, resume)
+def main_train(run: RunConfig, run_dir: str, resume: str | None,
+               stop_at: int | None = None) -> None:
+    code = train(run, run_dir, resume, stop_at)
     import torch.distributed as dist
 
     if dist.is_initialized():
