@@ -152,5 +152,5 @@ def parallelize(run: RunConfig, world_size: int, load_universal: bool = False):
     engine, opt, _, sched = deepspeed.initialize(
         model=SupervisionStepModule(model), optimizer=opt, lr_scheduler=sched, config=ds_cfg,
         dist_init_required=False)
-    engine.checkpoint_engine = SafeTorchCheckpointEngine()
+    engine.checkpoint_engine = SafeTorchCheckpointEngine(engine._config)  # zip format, as its own
     return engine, model, opt, sched

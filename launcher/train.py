@@ -343,7 +343,10 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
             val_loader = build_loader(val_spec, tok, split="val",
                                       batch_size=t.device_batch_size, seq_len=mc.sequence_len,
                                       rank=info.rank, world_size=info.world_size, seed=t.seed,
-                                      num_workers=0, path=t.data_path)
+                                      num_workers=0, path=t.data_path,
+                                      # every rank exactly eval_batches: ZeRO-3 gathers in step
+                                      num_samples=t.eval_batches * t.device_batch_size
+                                      * info.world_size)
             with swapped_in_ema(ema, model, zero3):
                 metrics = evaluate(engine, val_loader, mc.N_sup, t.eval_batches, tbytes)
             if metrics:

@@ -34,7 +34,8 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) 
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world: int = 2, args: tuple = (), timeout: float = 600) -> list[Any]:
+def run_distributed(fn: Callable, world: int = 2, args: tuple = (),
+                    timeout: float = 600) -> list[Any]:
     """fn's return value on each rank, in rank order; raises if any rank failed."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
