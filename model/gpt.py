@@ -51,6 +51,26 @@ class ModelOutput:
     halt_steps: int = 0                                    # supervision steps actually run
 
 
+class InitialState(nn.Module):
+    """Learned y0, z0 (TRM's H_init, L_init) broadcast over (B, T); y0 = x with state_init
+    'input'. A module of its own, called through __call__, so that ZeRO-3's hooks gather these
+    parameters like any other (a parameter touched outside a module call is an empty shard)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.y = nn.Parameter(torch.zeros(cfg.n_embd)) if cfg.state_init == "learned" else None
+        self.z = nn.Parameter(torch.zeros(cfg.n_embd))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.z.to(x.dtype).expand_as(x)
+        y = x if self.y is None else self.y.to(x.dtype).expand_as(x)
+        if not torch.is_grad_enabled():
+            # A view of a parameter taken under no_grad still reports requires_grad=True with no
+            # grad_fn; module output hooks (FlopCounterMode's ModuleTracker) assert on that.
+            y, z = y.detach(), z.detach()
+        return y, z
+
+
 class RecursiveGPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -60,8 +80,7 @@ class RecursiveGPT(nn.Module):
         self.stack = Stack(c)
         self.final_norm = RMSNorm(c.n_embd, c.norm_eps)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.y_init = nn.Parameter(torch.zeros(c.n_embd)) if c.state_init == "learned" else None
-        self.z_init = nn.Parameter(torch.zeros(c.n_embd))
+        self.init_state = InitialState(c)
         self.halt_head = nn.Linear(c.n_embd, 1, bias=True) if c.halting else None
         cos, sin = rope_tables(c.sequence_len, c.head_dim, c.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (T, head_dim/2)
@@ -81,7 +100,7 @@ class RecursiveGPT(nn.Module):
         | o, down                   | N(0, 1/sqrt(fan_in)) / sqrt(2·n_layer)     |
         | lm_head                   | N(0, 0.5/sqrt(n_embd))                     |
         | RMSNorm weights           | 1                                          |
-        | y_init, z_init            | N(0, 1) truncated at ±2 (TRM)              |
+        | init_state.y, .z          | N(0, 1) truncated at ±2 (TRM)              |
         | halt_head                 | weight 0, bias −5 (TRM: start by not halting) |
         """
         c = self.config
@@ -96,7 +115,7 @@ class RecursiveGPT(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
-        for p in (self.y_init, self.z_init):
+        for p in (self.init_state.y, self.init_state.z):
             if p is not None:
                 nn.init.trunc_normal_(p, std=1.0, a=-2.0, b=2.0)
         if self.halt_head is not None:
@@ -126,12 +145,13 @@ class RecursiveGPT(nn.Module):
 
     # ------------------------------------------------------------------ recursion
     def check_input(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        """Refuse a batch the model cannot run, with a message that says what is wrong."""
         c = self.config
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long:
             raise ValueError(f"idx must be an int64 tensor, got "
                              f"{getattr(idx, 'dtype', type(idx).__name__)}")
-        if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"idx must have shape (batch, seq) with seq >= 1, "
+        if idx.dim() != 2 or idx.size(0) == 0 or idx.size(1) == 0:
+            raise ValueError(f"idx must have shape (batch, seq) with batch, seq >= 1, "
                              f"got {tuple(idx.shape)}")
         if idx.size(1) > c.sequence_len:
             raise ValueError(f"sequence of {idx.size(1)} tokens is longer than sequence_len "
@@ -139,9 +159,18 @@ class RecursiveGPT(nn.Module):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= c.vocab_size:
             raise ValueError(f"token ids must be in [0, {c.vocab_size}), got range [{lo}, {hi}]")
-        if targets is not None and targets.shape != idx.shape:
+        if targets is None:
+            return
+        if not isinstance(targets, torch.Tensor) or targets.dtype != torch.long:
+            raise ValueError(f"targets must be an int64 tensor, got "
+                             f"{getattr(targets, 'dtype', type(targets).__name__)}")
+        if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape "
                              f"{tuple(idx.shape)}")
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < -1 or hi >= c.vocab_size:
+            raise ValueError(f"targets must be in [0, {c.vocab_size}) or -1 (ignored), got range "
+                             f"[{lo}, {hi}]")
 
     def apply_stack(self, h: torch.Tensor, pos: int, cache: KVCache | None = None) -> torch.Tensor:
         """One application of the shared stack (n_layer blocks) to h: (B, T, n_embd)."""
@@ -160,12 +189,6 @@ class RecursiveGPT(nn.Module):
         y = self.apply_stack(y + z, pos, cache)
         return y, z
 
-    def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """y0, z0 broadcast over (B, T). Called inside forward, where ZeRO-3 has the params."""
-        z = self.z_init.to(x.dtype).expand_as(x)
-        y = x if self.y_init is None else self.y_init.to(x.dtype).expand_as(x)
-        return y, z
-
     def supervision_step(self, idx: torch.Tensor, y: torch.Tensor | None = None,
                          z: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                          step: int = 0, prev_loss: torch.Tensor | None = None,
@@ -182,13 +205,13 @@ class RecursiveGPT(nn.Module):
             self.check_input(idx, targets)
         x = self.tok_emb(idx)                                   # (B, T, n_embd)
         if y is None or z is None:
-            y, z = self.initial_state(x)
+            y, z = self.init_state(x)
         with torch.no_grad():
             for _ in range(c.T_recursion - 1):
                 y, z = self.latent_recursion(x, y, z, pos, cache)
         y, z = self.latent_recursion(x, y, z, pos, cache)
-        logits = self.lm_head(self.final_norm(y)).float()       # (B, T, vocab)
-        halt = self.halt_head(y).squeeze(-1).float() if self.halt_head is not None else None
+        logits = at_least_fp32(self.lm_head(self.final_norm(y)))          # (B, T, vocab)
+        halt = at_least_fp32(self.halt_head(y).squeeze(-1)) if self.halt_head is not None else None
         out = StepOutput(y=y.detach(), z=z.detach(), halt_logits=halt)
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
@@ -250,20 +273,20 @@ class RecursiveGPT(nn.Module):
         """
         c = self.config
         self.check_input(idx)
+        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and top_k >= 1 or None,"
+                             f" got {max_new_tokens}, {temperature}, {top_k}")
         cache_ok = use_cache and self.halt_head is None
         cache, fed = None, 0  # fed: tokens of idx already in the cache
         self.last_halt_steps: list[int] = []
         for _ in range(max_new_tokens):
-            if not cache_ok:
-                ctx = idx[:, -c.sequence_len:]
-                out = self.forward(ctx)
-                self.last_halt_steps.append(out.halt_steps)
-                logits = out.logits[:, -1]
+            if not cache_ok:  # the whole window (the newest sequence_len tokens) every time
+                logits, steps = self.last_position_logits(idx[:, -c.sequence_len:])
+                self.last_halt_steps.append(steps)
             else:
                 if cache is None or cache.pos + (idx.size(1) - fed) > cache.max_len:
                     # (re)start: prefill on the newest half window so decoding can go on
-                    keep = idx.size(1) if cache is None else c.sequence_len // 2
-                    keep = min(keep, c.sequence_len)
+                    keep = idx.size(1) if cache is None else max(1, c.sequence_len // 2)
                     n_apps = c.applications_per_recursion * c.T_recursion * c.N_sup_inference
                     cache = KVCache(n_apps, idx.size(0), c.n_kv_head, c.sequence_len,
                                     c.head_dim, idx.device, self.tok_emb.weight.dtype)
@@ -282,6 +305,18 @@ class RecursiveGPT(nn.Module):
             idx = torch.cat([idx, nxt], dim=1)
         return idx
 
+    def last_position_logits(self, idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The inference recursion of forward() (halting included), keeping only the last
+        position's logits rather than every step's (B, T, vocab). Returns them and the steps run."""
+        c = self.config
+        y = z = None
+        for s in range(c.N_sup_inference):
+            st = self.supervision_step(idx, y, z, step=s)
+            y, z = st.y, st.z
+            if should_halt(st.halt_logits, c.halt_threshold):
+                break
+        return st.logits[:, -1], s + 1
+
     def cached_step(self, new: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the whole inference recursion on the new positions only; returns their logits."""
         y = z = None
@@ -297,9 +332,14 @@ def halting_loss(halt_logits: torch.Tensor, logits: torch.Tensor,
                  targets: torch.Tensor) -> torch.Tensor:
     """BCE of the halting head against 'this step's argmax is right' (TRM's Q-head target)."""
     valid = targets != -1
-    correct = (logits.argmax(-1) == targets).float()
+    correct = (logits.argmax(-1) == targets).to(halt_logits.dtype)
     bce = F.binary_cross_entropy_with_logits(halt_logits, correct, reduction="none")
     return (bce * valid).sum() / valid.sum().clamp(min=1)
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32 for the losses; fp32 and fp64 stay as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def should_halt(halt_logits: torch.Tensor | None, threshold: float) -> bool:

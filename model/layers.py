@@ -31,7 +31,8 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the head dim. x: (B, H, T, D); cos/sin: (T, D/2)."""
+    """Rotate pairs (first half, second half) of the head dim.
+    x: (B, H, T, D); cos, sin: (T, D/2)."""
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)

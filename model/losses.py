@@ -9,6 +9,8 @@ finishes: step s contributes w_s·L_s + scale·relu(L_s − stopgrad(L_{s−1}))
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 
@@ -36,6 +38,6 @@ def improvement_penalty(loss: torch.Tensor, prev_loss: torch.Tensor | None,
 def improvement_reward(step_losses: list[torch.Tensor], scale: float) -> torch.Tensor:
     """R over all steps (the sum of the per-step shares)."""
     r = step_losses[0].new_zeros(())
-    for prev, cur in zip(step_losses, step_losses[1:]):
+    for prev, cur in pairwise(step_losses):
         r = r + improvement_penalty(cur, prev, scale)
     return r
