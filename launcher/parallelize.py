@@ -59,7 +59,8 @@ def deepspeed_config(run: RunConfig, world_size: int) -> dict[str, Any]:
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "zero_allow_untested_optimizer": True,  # a torch AdamW with per-kind groups
-        "bf16": {"enabled": precision == "bf16"},
+        # skip (don't apply) an update whose gradient norm is not finite: see train_step
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -54,21 +54,31 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
         if nan_at_step and s == n_sup - 1:
             objective = objective * float("nan")  # fault injection (TRMGPT_FAULTS=nan@STEP)
         ok = ok and not any_rank(not bool(torch.isfinite(objective)))
-        if ok:
-            engine.backward(objective * n_sup)
-        if engine.is_gradient_accumulation_boundary() and not ok:
-            skip_update(engine)
+        # backward runs even when poisoned: DeepSpeed's reductions expect every micro-step
+        engine.backward(objective * n_sup)
+        boundary = engine.is_gradient_accumulation_boundary()
+        dropped = boundary and not ok and discard_gradients(engine)
         engine.step()
+        if boundary and not ok and not dropped and engine.was_step_applied():
+            raise RuntimeError("DeepSpeed applied an update with non-finite gradients")
         states[i] = (y, z, loss.detach())
         step_losses[s] += loss.item() / len(batches)
     return step_losses, ok
 
 
-def skip_update(engine) -> None:
-    """Make the coming optimizer step a no-op on the weights: learning rate 0 for this one step
-    (the scheduler sets it back right after). The poisoned objective was never backpropagated."""
-    for group in engine.optimizer.param_groups:
-        group["lr"] = 0.0
+def discard_gradients(engine) -> bool:
+    """Skip the coming optimizer step. Under ZeRO (and DeepSpeed's bf16 optimizer) the engine
+    does it itself: a non-finite gradient norm discards the step and its gradients. Plain data
+    parallel in fp32 would apply it, so zero the gradients and the learning rate of this one
+    step (the scheduler sets it again right after): the weights stay exactly as they were."""
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        for group in engine.optimizer.param_groups:
+            group["lr"] = 0.0
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------- EMA per rank

@@ -46,9 +46,20 @@ def losses_for_cases(cases: list[tuple[int, str, str]], extra: dict | None = Non
                                          mode)
             assert ok
             losses.append(step_losses)
+        # a poisoned batch (NaN objective) must leave the weights exactly as they were
+        before = probe_loss(engine, seq)
+        _, ok = train_step(engine, [(seq[:, :-1], seq[:, 1:])], run.model.N_sup, mode,
+                           nan_at_step=True)
+        out[f"nan/{stage}/{mode}/{ac}"] = [ok, before, probe_loss(engine, seq)]
         out[f"{stage}/{mode}/{ac}"] = losses  # plain lists: tensors would not outlive the worker
         del engine
     return out
+
+
+def probe_loss(engine, seq: torch.Tensor) -> float:
+    with torch.no_grad():
+        _, loss, _, _ = engine(seq[:, :-1], None, None, seq[:, 1:], 0, None)
+    return loss.item()
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +78,10 @@ def test_zero_stages_match_plain_data_parallel(results, mode):
     assert ref[-1].mean() < ref[0].mean() - 0.1, "training did not move the loss"
     compared = 0
     for key, losses in rank0.items():
-        if key.split("/")[1] != mode:
+        if key.startswith("nan/") or key.split("/")[1] != mode:
             continue
         got = torch.tensor(losses, dtype=torch.float64)
-        torch.testing.assert_close(got, ref, rtol=0, atol=2e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-5, msg=lambda m, k=key: f"{k}: {m}")
         compared += 1
     assert compared >= 4
 
@@ -83,3 +94,12 @@ def test_modes_differ_and_ranks_agree(results):
     assert not torch.allclose(a[1:], p[1:])
     # every rank computed its own data but the same weights: losses differ, both finite
     assert results[0]["2/accumulate/off"] != results[1]["2/accumulate/off"]
+
+
+@pytest.mark.slow
+def test_nan_batch_is_not_applied_under_any_stage(results):
+    cases = {k: v for k, v in results[0].items() if k.startswith("nan/")}
+    assert len(cases) == len(CASES)
+    for key, (ok, before, after) in cases.items():
+        assert ok is False, key
+        assert before == after, f"{key}: weights moved on a skipped step ({before} -> {after})"

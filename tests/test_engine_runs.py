@@ -115,7 +115,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs):
 
 def test_zero_to_fp32_equals_export_raw(tmp_path, data):
     run = tmp_path / "z3"
-    train(run, data, "--max-steps", "3", "--zero", "3", workers=2)
+    # ema_decay 0: the EMA is the weights, so its consolidation from ZeRO-3 partitions is
+    # checked exactly against DeepSpeed's own consolidation below
+    train(run, data, "--max-steps", "3", "--zero", "3", "--set", "ema_decay=0", workers=2)
     ckpt = run / "checkpoints"
     out = tmp_path / "consolidated"
     res = subprocess.run([sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out),
@@ -143,6 +145,9 @@ def test_zero_to_fp32_equals_export_raw(tmp_path, data):
     assert theirs.keys() == ours.keys()
     for k in ours:
         assert torch.equal(ours[k], theirs[k].float()), k
+    launcher("export", "--run-dir", str(run), "--out", str(tmp_path / "ema.st"))
+    ema = load_file(tmp_path / "ema.st")
+    assert all(torch.equal(ema[k], ours[k]) for k in ours)
 
 
 def test_killed_while_saving_is_never_resumed(tmp_path, data):
@@ -159,6 +164,15 @@ def test_killed_while_saving_is_never_resumed(tmp_path, data):
     assert "step_00000005 at step 5" in res.stdout
     rows = metrics(run)
     assert max(rows) == 14 and (ck / "step_00000014" / "COMPLETE").exists()
+    # the finished run serves eval, sample and plot
+    res = launcher("eval", "--run-dir", str(run), "--batches", "2")
+    ev = json.loads(res.stdout[res.stdout.index("{"):])
+    assert len(ev["val_step_losses"]) == 4 and 0 < ev["val_bpb"] < 20
+    res = launcher("sample", "--run-dir", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "8")
+    assert res.stdout.startswith("ROMEO:")
+    launcher("plot", "--run-dir", str(run))
+    assert {p.name for p in (run / "plots").glob("*.png")} == {
+        "loss.png", "step_losses.png", "refinement.png"}
 
 
 def test_nan_is_skipped_then_repeated_nans_stop(tmp_path, data):
