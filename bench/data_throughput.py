@@ -30,10 +30,13 @@ import ray  # noqa: E402
 from data_pipeline import DEFAULT_TOKENIZER, DataSpec, build_loader, load_tokenizer  # noqa: E402
 from data_pipeline.pretok import init_ray, tokenize_spec  # noqa: E402
 from data_pipeline.sources import iter_plan_records, plan_split  # noqa: E402
+from model import GPTConfig  # noqa: E402
 
-# Placeholders until measured: the lead passes real numbers with --tiny-tok-s / --a-tok-s.
-DEFAULT_TINY_TOK_S = 20_000.0
-DEFAULT_A_TOK_S = 400_000.0
+# tiny: measured on this 2-core machine by `bench/model_step.py` (forward+backward, per-step
+# path, batch 4 x 256, 1 thread): 503 tokens/s. A: what one H100 consumes at 40% MFU, from the
+# model's exact training FLOPs per token (989 TFLOP/s dense bf16 peak).
+DEFAULT_TINY_TOK_S = 503.0
+DEFAULT_A_TOK_S = 0.4 * 989e12 / GPTConfig.preset("A").flops_per_token(training=True)
 
 
 def _loader_rate(loader) -> tuple[float, int, float]:
@@ -104,7 +107,8 @@ def main() -> None:
     for name, rate, flag, default in (("tiny", args.tiny_tok_s, "--tiny-tok-s",
                                        DEFAULT_TINY_TOK_S),
                                       ("A", args.a_tok_s, "--a-tok-s", DEFAULT_A_TOK_S)):
-        note = "placeholder default, not measured" if rate == default else "measured"
+        note = {"tiny": "CPU, bench/model_step.py", "A": "one H100 at 40% MFU, derived"}[name]
+        note = note if rate == default else "given"
         rows.append((f"training step, preset {name}", rate, f"{flag} ({note})"))
 
     print(f"\ndata throughput: {spec.name} train split, {len(texts)} documents, seq_len "

@@ -37,8 +37,9 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
     accumulation boundary:
       accumulate: boundary after all N_sup steps of all micro-batches (one update per batch);
       per_step:   boundary after step s of every micro-batch (one update per supervision step).
-    A non-finite loss on any rank skips the batch's update everywhere. Returns the mean loss per
-    supervision step and whether the update was applied.
+    A non-finite loss on any rank skips the batch's remaining updates on every rank (in per_step
+    mode the steps before it stand: they were fine). Returns the mean loss per supervision step
+    and whether the batch was clean.
     """
     device = engine.device
     ok = True
@@ -51,7 +52,7 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
         idx, tgt = (t.to(device, non_blocking=True) for t in batches[i])
         y, z, prev = states[i]
         objective, loss, y, z = engine(idx, y, z, tgt, s, prev)
-        if nan_at_step and s == n_sup - 1:
+        if nan_at_step and s == 0:
             objective = objective * float("nan")  # fault injection (TRMGPT_FAULTS=nan@STEP)
         ok = ok and not any_rank(not bool(torch.isfinite(objective)))
         # backward runs even when poisoned: DeepSpeed's reductions expect every micro-step
