@@ -55,8 +55,9 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
         if nan_at_step and s == 0:
             objective = objective * float("nan")  # fault injection (TRMGPT_FAULTS=nan@STEP)
         ok = ok and not any_rank(not bool(torch.isfinite(objective)))
-        # backward runs even when poisoned: DeepSpeed's reductions expect every micro-step
-        engine.backward(objective * n_sup)
+        # backward runs even on a skipped batch (DeepSpeed's reductions expect every micro-step);
+        # its later steps are poisoned too, so the engine's non-finite check drops the update
+        engine.backward(objective * (n_sup if ok else float("nan")))
         boundary = engine.is_gradient_accumulation_boundary()
         dropped = boundary and not ok and discard_gradients(engine)
         engine.step()
