@@ -245,7 +245,7 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
 
     engine, model, _, sched = parallelize(run, info.world_size, load_universal=universal)
     zero3 = t.zero_stage == 3
-    ema = EMA(ema_tensors(model, zero3), t.ema_decay)
+    ema = EMA(ema_tensors(model, zero3), t.ema_decay, warmup=True)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "nonfinite_total": 0, "wandb_id": None}
     if rp is not None:
         engine.load_checkpoint(str(rp.local_dir), tag=rp.tag, load_optimizer_states=True,

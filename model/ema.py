@@ -13,20 +13,28 @@ import torch
 
 
 class EMA:
-    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]], decay: float = 0.999):
+    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]], decay: float = 0.999,
+                 warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup  # decay min(decay, (1+n)/(10+n)): early averages don't lag init
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] = {
             n: t.detach().to(torch.float32).clone() for n, t in named_tensors}
 
     @torch.no_grad()
     def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """shadow <- decay·shadow + (1 − decay)·current."""
+        """shadow <- d·shadow + (1 − d)·current, d = decay (or its warm-up value)."""
+        d = self.current_decay()
         for n, t in named_tensors:
-            self.shadow[n].lerp_(t.detach().to(torch.float32), 1.0 - self.decay)
+            self.shadow[n].lerp_(t.detach().to(torch.float32), 1.0 - d)
         self.num_updates += 1
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()
     def copy_to(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
