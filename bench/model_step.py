@@ -180,6 +180,12 @@ def main() -> None:
     print(f"\nactivation checkpointing (tiny, N_sup 4, T 2, batch {mem_b}): "
           f"off {off['peak_delta_mib']:.1f} MiB, on {on['peak_delta_mib']:.1f} MiB; "
           f"s/step off {off['seconds_per_step']:.2f}, on {on['seconds_per_step']:.2f}")
+    a_ac = dict(preset="A", overrides={"sequence_len": 128, "N_sup": 2, "vocab_size": 4096},
+                batch=1, steps=1, threads=th)
+    off, on = run(a_ac, memory=True), run(dict(a_ac, checkpointing=True), memory=True)
+    print(f"activation checkpointing (A's blocks, seq 128, N_sup 2, vocab 4096, batch 1): "
+          f"off {off['peak_delta_mib']:.1f} MiB, on {on['peak_delta_mib']:.1f} MiB; "
+          f"s/step off {off['seconds_per_step']:.2f}, on {on['seconds_per_step']:.2f}")
     control = {n: run(dict(base, overrides={"N_sup": n, "T_recursion": 2}, one_graph=True),
                       memory=True)["peak_delta_mib"] for n in (1, 4)}
     print(f"control, one graph (model(idx, targets).loss.backward(), T 2): "
