@@ -96,23 +96,24 @@ def reference_attention():
     return attend
 
 
+def per_step_backward(model, idx, targets, keep_logits: bool = False) -> list[float]:
+    """The step losses, backpropagating each supervision step as soon as it finishes (the
+    launcher's path). Gradients accumulate in .grad; no optimizer step."""
+    y = z = prev = None
+    losses = []
+    for s in range(model.config.N_sup):
+        st = model.supervision_step(idx, y, z, targets, step=s, prev_loss=prev,
+                                    keep_logits=keep_logits)
+        st.objective.backward()
+        y, z, prev = st.y, st.z, st.loss.detach()
+        losses.append(st.loss.item())
+    return losses
+
+
 @pytest.fixture
 def per_step_train():
-    """run(model, idx, targets) -> the step losses, backpropagating each supervision step as soon
-    as it finishes (the launcher's path). Gradients accumulate in .grad; no optimizer step."""
-
-    def run(model, idx, targets, keep_logits: bool = False):
-        y = z = prev = None
-        losses = []
-        for s in range(model.config.N_sup):
-            st = model.supervision_step(idx, y, z, targets, step=s, prev_loss=prev,
-                                        keep_logits=keep_logits)
-            st.objective.backward()
-            y, z, prev = st.y, st.z, st.loss.detach()
-            losses.append(st.loss.item())
-        return losses
-
-    return run
+    """per_step_backward, as a fixture."""
+    return per_step_backward
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import per_step_backward
 
 from model import GPTConfig, RecursiveGPT
 
@@ -102,13 +103,7 @@ def trained_tiny(char_corpus):
     history = []
     for _ in range(200):
         idx, tgt = next(data)
-        y = z = prev = None
-        losses = []
-        for s in range(cfg.N_sup):
-            st = model.supervision_step(idx, y, z, tgt, step=s, prev_loss=prev, keep_logits=False)
-            st.objective.backward()
-            y, z, prev = st.y, st.z, st.loss.detach()
-            losses.append(st.loss.item())
+        losses = per_step_backward(model, idx, tgt)
         opt.step()
         opt.zero_grad(set_to_none=True)
         history.append(losses)
@@ -133,13 +128,7 @@ def test_tiny_overfits_a_small_batch(char_corpus):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     idx, tgt = ids[:64].view(2, 32), ids[1:65].view(2, 32)
     for _ in range(100):
-        y = z = prev = None
-        losses = []
-        for s in range(cfg.N_sup):
-            st = model.supervision_step(idx, y, z, tgt, step=s, prev_loss=prev, keep_logits=False)
-            st.objective.backward()
-            y, z, prev = st.y, st.z, st.loss.detach()
-            losses.append(st.loss.item())
+        losses = per_step_backward(model, idx, tgt)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if losses[-1] < 0.5:
