@@ -74,6 +74,9 @@ class TrainConfig:
     # EMA, eval, checkpoints, logging
     ema_decay: float = 0.999
     checkpoint_every: int = 100
+    checkpoint_dir: str = ""
+    """Where checkpoints go: a local path or an fsspec URL (s3://bucket/run, gs://...); empty is
+    RUN_DIR/checkpoints. Remote checkpoints are staged under $TRMGPT_CACHE and uploaded."""
     keep_last: int = 3
     eval_every: int = 100
     eval_batches: int = 4

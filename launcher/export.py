@@ -20,11 +20,14 @@ PREFIX = "model."  # the engine wraps RecursiveGPT in SupervisionStepModule
 
 
 def resume_point(run_dir: str | Path, tag: str | None = None) -> ResumePoint:
-    ck = Checkpointer(str(Path(run_dir) / "checkpoints"), DistInfo(0, 1, 0), 10**9,
-                      Path(run_dir) / ".cache")
+    """The newest (or the named) complete checkpoint of a run, on local disk."""
+    cfg = Path(run_dir) / "config.json"
+    root = (RunConfig.load(cfg).train.checkpoint_dir if cfg.exists() else "") or str(
+        Path(run_dir) / "checkpoints")
+    ck = Checkpointer(root, DistInfo(0, 1, 0), 10**9, Path(run_dir) / ".cache")
     tags = ck.complete_tags()
     if not tags:
-        raise FileNotFoundError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
+        raise FileNotFoundError(f"no complete checkpoint under {root}")
     if tag is not None and tag not in tags:
         raise ValueError(f"{tag} is not a complete checkpoint; have {tags}")
     return ck.fetch(ck, tag or tags[-1])

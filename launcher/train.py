@@ -216,7 +216,7 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
     random.seed(t.seed + info.rank)
     run_path = Path(run_dir)
     stage_dir = Path(os.environ.get("TRMGPT_CACHE", Path.home() / ".cache" / "trmgpt"))
-    ckpt = Checkpointer(str(run_path / "checkpoints"), info, t.keep_last,
+    ckpt = Checkpointer(t.checkpoint_dir or str(run_path / "checkpoints"), info, t.keep_last,
                         stage_dir / "stage" / run_path.name)
 
     # where do we start? (decided before the engine exists: a new world size loads universal)
@@ -367,7 +367,7 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
             last_good = save(step)
     barrier()
     print0(f"done: {state['step']} steps, {state['tokens']:,} tokens. run dir: {run_path} | "
-           f"metrics: {run_path / 'metrics.jsonl'} | checkpoints: {run_path / 'checkpoints'} | "
+           f"metrics: {run_path / 'metrics.jsonl'} | checkpoints: {ckpt.root} | "
            f"plots: make plot RUN={run_path.name}")
     logger.finish()
     return 0
