@@ -53,7 +53,9 @@ class MetricsLogger:
             os.environ.setdefault("WANDB_SILENT", "true")  # our progress line says enough
             import wandb
 
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            # WANDB_MODE (online/offline/disabled) wins; else online only with a key
+            mode = os.environ.get("WANDB_MODE") or (
+                "online" if os.environ.get("WANDB_API_KEY") else "offline")
             if mode == "offline":
                 print("wandb: no WANDB_API_KEY in the environment, logging offline "
                       f"(sync later with `wandb sync {run_dir / 'wandb'}`)", flush=True)
