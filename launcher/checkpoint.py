@@ -32,7 +32,7 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from launcher.dist import DistInfo, barrier
+from launcher.dist import DistInfo, any_rank, barrier
 from launcher.safe_load import safe_load, verify_checkpoint_files
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -82,6 +82,9 @@ class Checkpointer:
         """Every rank calls this. Returns the tag once the checkpoint is complete."""
         tag = tag_for(step)
         r = self.info.rank
+        if r == 0 and self.fs.exists(f"{self.root_path}/{tag}/{MARKER}"):
+            self.fs.rm(f"{self.root_path}/{tag}/{MARKER}")  # re-written: incomplete until done
+        barrier()
         engine.save_checkpoint(str(self.local), tag=tag, save_latest=False)
         own = self.local / tag / "trmgpt"
         own.mkdir(parents=True, exist_ok=True)
@@ -96,6 +99,8 @@ class Checkpointer:
             if (self.local / "zero_to_fp32.py").exists():
                 self.fs.put(str(self.local / "zero_to_fp32.py"), f"{self.root_path}/")
         barrier()
+        if self.remote and self.info.local_rank == 0:
+            shutil.rmtree(self.local / tag, ignore_errors=True)  # uploaded: free the node's disk
         if r == 0:
             meta = {"step": step, "world_size": self.info.world_size,
                     "zero_stage": engine.zero_optimization_stage()}
@@ -139,16 +144,27 @@ class Checkpointer:
                            else which.rstrip("/").rsplit("/", 1)[0],
                            self.info, self.keep_last, self.local.parent / "resume_src")
         tag = which.rstrip("/").rsplit("/", 1)[-1]
-        if tag not in src.complete_tags():
+        tags = src.complete_tags()
+        if tag not in tags:
             raise ValueError(f"{which} is not a complete checkpoint (no {MARKER} marker)")
+        mine = self.complete_tags()
+        if src.root_path == self.root_path and mine and tag != mine[-1]:
+            raise ValueError(f"{which} is older than this run's newest checkpoint {mine[-1]}: "
+                             "resuming it here would mix two timelines in one folder; resume "
+                             "it with a new --run-dir, or move the newer checkpoints away")
         return self.fetch(src, tag)
 
     def fetch(self, src: Checkpointer, tag: str) -> ResumePoint:
         """Bring a remote tag to local disk (once per node), check it is safe to load."""
-        if src.remote and self.info.local_rank == 0:
-            src.local.mkdir(parents=True, exist_ok=True)
-            if not (src.local / tag / MARKER).exists():
-                src.fs.get(f"{src.root_path}/{tag}", str(src.local / tag), recursive=True)
+        fetched = src.local / tag / ".fetched"
+        if src.remote and self.info.local_rank == 0 and not fetched.exists():
+            tmp = src.local / f".{tag}.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            src.fs.get(f"{src.root_path}/{tag}/", f"{tmp}/", recursive=True)
+            shutil.rmtree(src.local / tag, ignore_errors=True)  # e.g. this node's staging copy
+            os.replace(tmp, src.local / tag)
+            fetched.touch()  # last: a download cut short is fetched again
         barrier()
         verify_checkpoint_files(src.local / tag)
         meta = json.loads((src.local / tag / MARKER).read_text())
@@ -166,13 +182,16 @@ class Checkpointer:
             if int(rp.meta["zero_stage"]) in (1, 2):
                 cmd.append("--inject_missing_state")  # this DeepSpeed needs it for ZeRO-1/2
             res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise RuntimeError(f"ds_to_universal failed on {rp.local_dir / rp.tag}:\n"
-                                   f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-            # our own files ride along so the universal folder is a whole resume point
-            shutil.copytree(rp.local_dir / rp.tag / "trmgpt", out / "trmgpt", dirs_exist_ok=True)
-            shutil.copy(rp.local_dir / rp.tag / MARKER, out / MARKER)
-        barrier()
+            failed = res.returncode != 0
+            if not failed:  # our own files ride along: the universal folder is a resume point
+                shutil.copytree(rp.local_dir / rp.tag / "trmgpt", out / "trmgpt",
+                                dirs_exist_ok=True)
+                shutil.copy(rp.local_dir / rp.tag / MARKER, out / MARKER)
+        else:
+            failed = False
+        if any_rank(failed):  # every rank stops, not only the converting one
+            detail = f":\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}" if failed else ""
+            raise RuntimeError(f"ds_to_universal failed on {rp.local_dir / rp.tag}{detail}")
         return ResumePoint(tag=rp.tag, local_dir=out_root, meta=rp.meta, state=rp.state)
 
     @staticmethod

@@ -34,7 +34,8 @@ def resume_point(run_dir: str | Path, tag: str | None = None) -> ResumePoint:
 
 
 def raw_weights(rp: ResumePoint) -> dict[str, torch.Tensor]:
-    """fp32 weights as DeepSpeed's zero_to_fp32 consolidates them (stage 0: the module file)."""
+    """fp32 weights as DeepSpeed's zero_to_fp32 consolidates them. Stage 0 has no ZeRO files:
+    the module file, which holds the training precision (16-bit under bf16/fp16 training)."""
     verify_checkpoint_files(rp.local_dir / rp.tag)
     if int(rp.meta["zero_stage"]) == 0:
         sd = safe_load(rp.local_dir / rp.tag / "mp_rank_00_model_states.pt")["module"]

@@ -29,13 +29,15 @@ def story(root: str) -> dict:
                     f"val_sources:\n  - path: {ASSETS}/val/*.txt\n")
     over = {"sequence_len": 64, "device_batch_size": 2, "log_every": 1, "eval_every": 100,
             "eval_batches": 1, "warmup_steps": 2, "max_steps": 6, "checkpoint_every": 3,
+            "keep_last": 2,
             "data": str(spec), "zero_stage": 2}
     remote = resolve("tiny", {**over, "checkpoint_dir": "memory://bucket/run"})
     os.environ["TRMGPT_CACHE"] = str(Path(root) / "cache")
     assert train(remote, f"{root}/remote", stop_at=3) == 0
     fs = fsspec.filesystem("memory")
     after_stop = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/bucket/run", detail=False))
-    # the local staging copy goes away: resume must come from the bucket
+    # a restart on the same node (its cache is there), then on a fresh one (no cache)
+    assert train(remote, f"{root}/remote", resume="latest", stop_at=4) == 0
     import shutil
 
     shutil.rmtree(Path(root) / "cache")
@@ -56,7 +58,9 @@ def story(root: str) -> dict:
 def test_checkpoints_round_trip_through_object_storage(tmp_path):
     out = run_distributed(story, world=1, args=(str(tmp_path),))[0]
     assert "step_00000003" in out["after_stop"] and "latest" in out["after_stop"]
-    assert {"step_00000003", "step_00000006", "zero_to_fp32.py"} <= set(out["final"])
+    # keep_last 2 pruned step 3 from the bucket
+    assert {"step_00000004", "step_00000006", "zero_to_fp32.py"} <= set(out["final"])
+    assert "step_00000003" not in out["final"]
     assert out["marker"]["step"] == 6 and out["marker"]["world_size"] == 1
     remote = {int(k): v for k, v in out["remote"].items()}
     local = {int(k): v for k, v in out["local"].items()}
