@@ -281,14 +281,13 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
     if info.is_main:
         logger.write_figures(fig)
 
-    val_spec = spec
     tbytes = token_bytes(tok)
     tokens_per_step = t.device_batch_size * mc.sequence_len * ga * info.world_size
     peak = t.peak_flops or peak_flops_per_device()
     nan_steps = faults_at("nan")
     in_a_row = 0
     it = iter(loader)
-    last_good = ckpt.complete_tags()[-1] if ckpt.complete_tags() else None
+    last_good = (ckpt.complete_tags() or [None])[-1]
 
     def save(step: int) -> str:
         rng_t, py_rng = rng_state()
@@ -352,7 +351,7 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
                 "nonfinite_total": state["nonfinite_total"], "eta_s": eta})
             t_last = time.time()
         if step % t.eval_every == 0 or step == t.max_steps:
-            val_loader = build_loader(val_spec, tok, split="val",
+            val_loader = build_loader(spec, tok, split="val",
                                       batch_size=t.device_batch_size, seq_len=mc.sequence_len,
                                       rank=info.rank, world_size=info.world_size, seed=t.seed,
                                       num_workers=0, path=t.data_path,
