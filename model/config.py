@@ -54,12 +54,32 @@ class GPTConfig:
     """Supervision steps per training batch (deep supervision); states are detached between."""
     N_sup_inference: int = 8
     """Supervision steps at inference (upper bound when halting is on)."""
-    norm_style: Literal["post", "pre"] = "post"
-    """'post': TRM blocks h = RMSNorm(h + f(h)). 'pre': h = h + f(RMSNorm(h)) with an RMSNorm on
-    the stack's output. Both keep the state's magnitude bounded over thousands of applications."""
-    state_init: Literal["learned", "input"] = "learned"
-    """'learned': y0, z0 are learned vectors broadcast over batch and sequence (TRM's H_init,
-    L_init). 'input': y0 = x (token embeddings), z0 learned."""
+    norm_style: Literal["post", "pre"] = "pre"
+    """'pre' (default): h = h + f(RMSNorm(h)) with an RMSNorm on the stack's output. 'post': TRM's
+    blocks h = RMSNorm(h + f(h)). Both keep the state's magnitude bounded over thousands of
+    applications; post-norm collapses to the unigram solution at the learning rates a small LM
+    needs (tiny at lr 3e-3: every step's loss equal at the unigram level), pre-norm does not."""
+    state_init: Literal["fixed", "input"] = "fixed"
+    """'fixed': y0, z0 are fixed random vectors broadcast over batch and sequence (TRM's H_init,
+    L_init buffers; with T_recursion >= 2 they only feed no-grad recursions, so a learned
+    version would never receive a gradient). 'input': y0 = x (token embeddings), z0 fixed.
+    Neither is a parameter."""
+    recursion: bool = True
+    """False: the plain GPT of the same parameters (one pass of the stack on x, one supervision
+    step, no no-grad passes) - the baseline every recursion claim is measured against. It sets
+    n_loops, T_recursion, N_sup and N_sup_inference to 1."""
+    input_norm: bool = True
+    """RMSNorm (no weights) on the token embeddings, so the injected x keeps the unit RMS of the
+    states it is added to in z + x + y. Without it the embedding grows in training (tiny: RMS 1
+    -> 9.7 in 150 steps) and drowns y and z: each step then barely depends on its state."""
+    qk_norm: bool = True
+    """RMSNorm (no weights) on each head's queries and keys before RoPE: bounded attention
+    logits at high learning rates (nanochat, OLMo 2)."""
+    zero_init_out: bool = True
+    """Start the attention and MLP output projections at zero: each block starts as the
+    identity on its residual stream (nanochat)."""
+    logit_softcap: float = 15.0
+    """logits = cap·tanh(logits/cap) when > 0 (nanochat uses 15); 0 disables it."""
     rope_theta: float = 10000.0
     """RoPE base."""
     norm_eps: float = 1e-6
@@ -76,6 +96,8 @@ class GPTConfig:
     """At inference, stop once the mean halting probability passes this."""
 
     def __post_init__(self) -> None:
+        if self.recursion is False:  # the plain GPT: one pass, one step
+            self.n_loops = self.T_recursion = self.N_sup = self.N_sup_inference = 1
         self.validate()
 
     # ----------------------------------------------------------------- construction
@@ -123,8 +145,11 @@ class GPTConfig:
                              " for RoPE")
         if self.norm_style not in ("post", "pre"):
             raise ValueError(f"norm_style must be 'post' or 'pre', got {self.norm_style!r}")
-        if self.state_init not in ("learned", "input"):
-            raise ValueError(f"state_init must be 'learned' or 'input', got {self.state_init!r}")
+        if self.state_init not in ("fixed", "input"):
+            raise ValueError(f"state_init must be 'fixed' or 'input', got {self.state_init!r}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0 disables it), got "
+                             f"{self.logit_softcap!r}")
         for k in ("supervision_weight_base", "rope_theta", "norm_eps"):
             if not getattr(self, k) > 0:
                 raise ValueError(f"{k} must be > 0, got {getattr(self, k)!r}")
@@ -147,8 +172,9 @@ class GPTConfig:
 
     @property
     def applications_per_recursion(self) -> int:
-        """Block applications in one latent recursion: n_loops z-updates + one y-update."""
-        return self.n_layer * (self.n_loops + 1)
+        """Block applications in one latent recursion: n_loops z-updates + one y-update (one
+        pass of the stack with the recursion off)."""
+        return self.n_layer * (self.n_loops + 1) if self.recursion else self.n_layer
 
     @property
     def effective_depth(self) -> int:
@@ -174,7 +200,6 @@ class GPTConfig:
         n = self.n_layer * self.block_params()
         n += e                                     # final norm
         n += e if self.norm_style == "pre" else 0  # norm on the stack's output
-        n += 2 * e if self.state_init == "learned" else e  # y_init, z_init
         n += (e + 1) if self.halting else 0        # halting head
         if not non_embedding:
             n += 2 * self.vocab_size * e           # embedding + untied lm_head

@@ -8,7 +8,7 @@ Features
   (`supervision_step`), and peak activation memory does not grow with N_sup or T.
 - Hierarchical step weights, improvement reward, optional ACT halting head (TRM's Q-head).
 - GQA + RoPE attention through scaled_dot_product_attention, SwiGLU MLP, RMSNorm, no biases,
-  untied embedding / lm_head, learned initial states (or y0 = x).
+  untied embedding / lm_head, fixed initial states (TRM's buffers) or y0 = x.
 - Exact FLOP count (`flops_per_token`), KV-cached generation across the recursion.
 No device or distributed logic lives here: the launcher wraps this module with DeepSpeed.
 """
@@ -52,22 +52,23 @@ class ModelOutput:
 
 
 class InitialState(nn.Module):
-    """Learned y0, z0 (TRM's H_init, L_init) broadcast over (B, T); y0 = x with state_init
-    'input'. A module of its own, called through __call__, so that ZeRO-3's hooks gather these
-    parameters like any other (a parameter touched outside a module call is an empty shard)."""
+    """y0, z0 broadcast over (B, T): fixed random vectors (TRM's H_init, L_init buffers), or
+    y0 = x with state_init 'input'. They are not parameters: with T_recursion >= 2 they only
+    feed no-grad recursions, so they could never learn. Drawn from their own seeded generator
+    (not the global RNG) and kept out of the state dict, so every rank, every resume and every
+    export rebuilds exactly the same vectors from the config alone."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.y = nn.Parameter(torch.zeros(cfg.n_embd)) if cfg.state_init == "learned" else None
-        self.z = nn.Parameter(torch.zeros(cfg.n_embd))
+        g = torch.Generator().manual_seed(0)
+        y, z = (nn.init.trunc_normal_(torch.empty(cfg.n_embd), std=1.0, a=-2.0, b=2.0,
+                                      generator=g) for _ in range(2))
+        self.register_buffer("z", z, persistent=False)
+        self.register_buffer("y", y if cfg.state_init == "fixed" else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.z.to(x.dtype).expand_as(x)
         y = x if self.y is None else self.y.to(x.dtype).expand_as(x)
-        if not torch.is_grad_enabled():
-            # A view of a parameter taken under no_grad still reports requires_grad=True with no
-            # grad_fn; module output hooks (FlopCounterMode's ModuleTracker) assert on that.
-            y, z = y.detach(), z.detach()
         return y, z
 
 
@@ -80,7 +81,7 @@ class RecursiveGPT(nn.Module):
         self.stack = Stack(c)
         self.final_norm = RMSNorm(c.n_embd, c.norm_eps)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.init_state = InitialState(c)
+        self.init_state = InitialState(c) if c.recursion else None
         self.halt_head = nn.Linear(c.n_embd, 1, bias=True) if c.halting else None
         cos, sin = rope_tables(c.sequence_len, c.head_dim, c.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (T, head_dim/2)
@@ -100,7 +101,7 @@ class RecursiveGPT(nn.Module):
         | o, down                   | N(0, 1/sqrt(fan_in)) / sqrt(2·n_layer)     |
         | lm_head                   | N(0, 0.5/sqrt(n_embd))                     |
         | RMSNorm weights           | 1                                          |
-        | init_state.y, .z          | N(0, 1) truncated at ±2 (TRM)              |
+        | init_state.y, .z (buffers) | N(0, 1) truncated at ±2, own seed (TRM)   |
         | halt_head                 | weight 0, bias −5 (TRM: start by not halting) |
         """
         c = self.config
@@ -110,14 +111,14 @@ class RecursiveGPT(nn.Module):
                 nn.init.normal_(lin.weight, std=c.n_embd ** -0.5)
             for lin in (block.attn.o, block.mlp.down):
                 std = lin.in_features ** -0.5 / math.sqrt(2 * c.n_layer)
-                nn.init.normal_(lin.weight, std=std)
+                if c.zero_init_out:
+                    nn.init.zeros_(lin.weight)
+                else:
+                    nn.init.normal_(lin.weight, std=std)
         nn.init.normal_(self.lm_head.weight, std=0.5 * c.n_embd ** -0.5)
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
-        for p in (self.init_state.y, self.init_state.z):
-            if p is not None:
-                nn.init.trunc_normal_(p, std=1.0, a=-2.0, b=2.0)
         if self.halt_head is not None:
             nn.init.zeros_(self.halt_head.weight)
             nn.init.constant_(self.halt_head.bias, -5.0)
@@ -129,7 +130,7 @@ class RecursiveGPT(nn.Module):
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by kind, for per-group learning rates: matrices of the stack, the
-        embedding, the lm_head, and scalars (norms, initial states, halting head)."""
+        embedding, the lm_head, and scalars (norms, halting head)."""
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {
             "matrix": [], "embedding": [], "lm_head": [], "scalar": []}
         for name, p in self.named_parameters():
@@ -204,13 +205,20 @@ class RecursiveGPT(nn.Module):
         if step == 0 or cache is not None:
             self.check_input(idx, targets)
         x = self.tok_emb(idx)                                   # (B, T, n_embd)
-        if y is None or z is None:
-            y, z = self.init_state(x)
-        with torch.no_grad():
-            for _ in range(c.T_recursion - 1):
-                y, z = self.latent_recursion(x, y, z, pos, cache)
-        y, z = self.latent_recursion(x, y, z, pos, cache)
+        if c.input_norm:
+            x = F.rms_norm(x, (c.n_embd,), eps=c.norm_eps)
+        if not c.recursion:  # the plain GPT: one pass of the stack
+            y = z = self.apply_stack(x, pos, cache)
+        else:
+            if y is None or z is None:
+                y, z = self.init_state(x)
+            with torch.no_grad():
+                for _ in range(c.T_recursion - 1):
+                    y, z = self.latent_recursion(x, y, z, pos, cache)
+            y, z = self.latent_recursion(x, y, z, pos, cache)
         logits = at_least_fp32(self.lm_head(self.final_norm(y)))          # (B, T, vocab)
+        if c.logit_softcap > 0:
+            logits = c.logit_softcap * torch.tanh(logits / c.logit_softcap)
         halt = at_least_fp32(self.halt_head(y).squeeze(-1)) if self.halt_head is not None else None
         out = StepOutput(y=y.detach(), z=z.detach(), halt_logits=halt)
         if targets is not None:

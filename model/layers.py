@@ -81,6 +81,8 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.n_embd, kv_dim, bias=False)
         self.v = nn.Linear(cfg.n_embd, kv_dim, bias=False)
         self.o = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.qk_norm = cfg.qk_norm
+        self.eps = cfg.norm_eps
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -88,6 +90,9 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.qk_norm:  # bounded attention logits whatever the state's scale
+            q = F.rms_norm(q, (self.head_dim,), eps=self.eps)
+            k = F.rms_norm(k, (self.head_dim,), eps=self.eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_head != self.n_head
         if cache is None or cache.pos == 0:

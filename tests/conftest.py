@@ -68,7 +68,8 @@ def tiny_config():
 def reference_attention():
     """attend(attn, x, cos, sin, kv_repeat="interleave") -> causal GQA written out by hand.
 
-    softmax(Q K^T / sqrt(d) + causal mask) V with RoPE on Q and K, K/V heads repeated so that
+    softmax(Q K^T / sqrt(d) + causal mask) V with RoPE on Q and K (RMS-normed first when the
+    module has qk_norm), K/V heads repeated so that
     query head h reads kv head h // (n_head / n_kv_head) (repeat_interleave). kv_repeat="tile"
     uses the other grouping (h % n_kv_head), to show that the grouping is actually checked.
     """
@@ -82,6 +83,9 @@ def reference_attention():
         q = (x @ attn.q.weight.T).view(B, T, H, D).transpose(1, 2)      # (B, H, T, D)
         k = (x @ attn.k.weight.T).view(B, T, Hkv, D).transpose(1, 2)    # (B, Hkv, T, D)
         v = (x @ attn.v.weight.T).view(B, T, Hkv, D).transpose(1, 2)
+        if attn.qk_norm:  # RMSNorm without weights over each head's dims
+            q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + attn.eps)
+            k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + attn.eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_repeat == "interleave":
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)

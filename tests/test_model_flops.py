@@ -30,9 +30,9 @@ def flop_config(tiny_config, **overrides):
     return tiny_config(**{**base, **overrides})
 
 
-@pytest.mark.parametrize("halting", [False, True])
-def test_training_flops_match_flop_counter(tiny_config, per_step_train, halting):
-    cfg = flop_config(tiny_config, halting=halting)
+@pytest.mark.parametrize(("halting", "recursion"), [(False, True), (True, True), (False, False)])
+def test_training_flops_match_flop_counter(tiny_config, per_step_train, halting, recursion):
+    cfg = flop_config(tiny_config, halting=halting, recursion=recursion)
     model = RecursiveGPT(cfg)
     idx = torch.randint(0, cfg.vocab_size, (B, cfg.sequence_len))
     tgt = torch.randint(0, cfg.vocab_size, (B, cfg.sequence_len))
