@@ -10,6 +10,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +74,8 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
         # its later steps are poisoned too, so the engine's non-finite check drops the update
         engine.backward(objective * (scale if ok else float("nan")))
         boundary = engine.is_gradient_accumulation_boundary()
-        dropped = boundary and not ok and discard_gradients(engine)
-        engine.step()
+        with dropped_update(engine, boundary and not ok) as dropped:
+            engine.step()
         if boundary and not ok:
             if not dropped and engine.was_step_applied():
                 raise RuntimeError("DeepSpeed applied an update with non-finite gradients")
@@ -86,17 +88,24 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
     return step_losses, ok
 
 
-def discard_gradients(engine) -> bool:
-    """Skip the coming optimizer step. Under ZeRO (and DeepSpeed's fp16/bf16 optimizers) the
-    engine does it itself: a non-finite gradient norm discards the step and its gradients.
-    Plain data parallel in fp32 would apply it, so drop the gradients (grad None): AdamW then
-    leaves every parameter and its moments and step count exactly as they were, as ZeRO does."""
-    if (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
-            and not engine.fp16_enabled()):
-        for p in engine.module.parameters():
-            p.grad = None
-        return True
-    return False
+@contextmanager
+def dropped_update(engine, drop: bool) -> Iterator[bool]:
+    """Around engine.step(): skip the optimizer step when drop. Under ZeRO (and DeepSpeed's
+    fp16/bf16 optimizers) the engine does it itself: a non-finite gradient norm discards the
+    step and its gradients (yields False). Plain data parallel in fp32 has no such check, so the
+    optimizer's step does nothing this once (yields True): the weights, AdamW's moments and its
+    step count stay exactly as they were, as on ZeRO's overflow path; the engine still clips,
+    zeroes the gradients and steps the scheduler."""
+    ours = drop and (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+                     and not engine.fp16_enabled())
+    opt = engine.optimizer
+    if ours:
+        opt.step = lambda *args, **kwargs: None  # shadows the method on this instance only
+    try:
+        yield ours
+    finally:
+        if ours:
+            del opt.step
 
 
 # ---------------------------------------------------------------------------- EMA per rank
