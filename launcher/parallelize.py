@@ -74,9 +74,12 @@ def deepspeed_config(run: RunConfig, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if t.zero_stage == 3:
-        # the shared stack runs many times per forward: don't let prefetch guess from a trace
+        # the shared stack runs many times per forward: don't let prefetch guess from a trace.
+        # Vectors (norm weights, initial states, the halting head) stay gathered on every rank,
+        # matrices are partitioned: gathering a 1-D weight costs a collective for a few KB
+        # (DeepSpeed's own threshold, 1e5 elements, would keep a small model's whole stack).
         cfg["zero_optimization"].update({"stage3_prefetch_bucket_size": 0,
-                                         "stage3_param_persistence_threshold": 0})
+                                         "stage3_param_persistence_threshold": run.model.n_embd})
     return cfg
 
 
