@@ -225,6 +225,8 @@ def fault_hook(name: str, step: int) -> None:
 
 
 def faults_at(name: str) -> set[int]:
+    """Steps at which the trainer injects a fault: nan@STEP (a non-finite loss) or
+    data_stall@STEP (the step's batch arrives a second late)."""
     out = set()
     for item in os.environ.get("TRMGPT_FAULTS", "").split(","):
         if item.startswith(name + "@"):
