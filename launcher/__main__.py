@@ -11,17 +11,18 @@ from pathlib import Path
 
 from launcher.config import RunConfig, parse_overrides, resolve
 
-ENV_DEFAULTS = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false",
                 "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/trmgpt/torch_extensions")}
 
 
 def engine_env() -> None:
-    import torch
+    """Environment of every command that may import deepspeed: DeepSpeed's accelerator from the
+    machine (cuda on a GPU machine, cpu otherwise) unless DS_ACCELERATOR is set, offline hubs."""
+    from launcher.dist import choose_accelerator
 
+    choose_accelerator()
     for k, v in ENV_DEFAULTS.items():
-        if k == "DS_ACCELERATOR" and torch.cuda.is_available():
-            continue
         os.environ.setdefault(k, v)
 
 
@@ -51,6 +52,14 @@ def cmd_train(args, extra: list[str]) -> None:
     in_group = "RANK" in os.environ
     world = int(os.environ.get("WORLD_SIZE", args.workers))
     run = run_config(args, extra, world)  # refused here, before any rank starts
+    if not args.resume:  # refused here too, before any rank starts
+        from launcher.dist import DistInfo
+        from launcher.train import earlier_run, run_checkpointer
+
+        conflict = earlier_run(Path(args.run_dir),
+                               run_checkpointer(run, Path(args.run_dir), DistInfo(0, 1, 0)))
+        if conflict:
+            raise ValueError(conflict)
     if args.workers > 1 and not in_group:
         # start the ranks with torch's elastic launcher; each one re-enters here
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -76,6 +85,7 @@ def cmd_eval(args, extra: list[str]) -> None:
 
 
 def cmd_sample(args, extra: list[str]) -> None:
+    engine_env()
     from launcher.evaluate import sample
 
     print(sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
@@ -106,8 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("train", help="train a preset (nanochat-style flags accepted)")
     add_config_args(p)
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--resume", help="'latest' or a checkpoint folder (checkpoints/step_N)")
+    p.add_argument("--run-dir", required=True,
+                   help="the run's folder; a new run needs one without checkpoints or metrics "
+                        "(an earlier run there is refused, never overwritten)")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue the run in --run-dir from its newest complete checkpoint "
+                        "('latest') or from a checkpoint folder (checkpoints/step_N); stops "
+                        "with an error when there is none")
     p.add_argument("--stop-after", type=int, metavar="STEP",
                    help="checkpoint and exit at this step (a job segment); resume goes on")
     p.set_defaults(fn=cmd_train)

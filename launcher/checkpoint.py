@@ -11,13 +11,15 @@
         COMPLETE                 written last, by rank 0, after every rank's files are in place
 
 A tag without COMPLETE is never chosen, so a crash while saving leaves the previous checkpoint as
-the one to resume. Remote roots are staged in a local folder and uploaded before COMPLETE. Every
+the one to resume. Remote roots are staged in a local folder of their own (keyed by the whole
+URL, so two runs never share one) and uploaded before COMPLETE. Every
 file is loaded with weights_only=True (launcher.safe_load). A resume on a different world size goes
 through DeepSpeed's universal checkpoint (ds_to_universal), converted once per node.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -43,6 +45,14 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def staging_dir(cache: Path, root: str) -> Path:
+    """This node's local folder for a remote checkpoint root: named after the root's last part
+    for people, keyed by a hash of the whole URL so that runs whose folders share a name (two
+    buckets, two prefixes) never share staged or downloaded files."""
+    name = root.rstrip("/").rsplit("/", 1)[-1] or "root"
+    return cache / "stage" / f"{name}-{hashlib.sha256(root.encode()).hexdigest()[:16]}"
+
+
 @dataclass
 class ResumePoint:
     tag: str
@@ -56,25 +66,29 @@ class ResumePoint:
 
 
 class Checkpointer:
-    def __init__(self, root: str, info: DistInfo, keep_last: int, stage_dir: Path) -> None:
+    def __init__(self, root: str, info: DistInfo, keep_last: int, cache: Path) -> None:
+        """root: a local path or fsspec URL; cache: where remote roots are staged (staging_dir)."""
         self.root = root.rstrip("/")
+        self.cache = cache
         self.fs, self.root_path = fsspec.core.url_to_fs(self.root)
         self.remote = not isinstance(self.fs, LocalFileSystem)
-        self.local = stage_dir / "checkpoints" if self.remote else Path(self.root_path)
+        self.local = (staging_dir(cache, self.root) / "checkpoints" if self.remote
+                      else Path(self.root_path))
         self.info = info
         self.keep_last = keep_last
 
     # ------------------------------------------------------------------ listing
-    def complete_tags(self) -> list[str]:
-        """Tags whose COMPLETE marker exists, oldest first."""
+    def tags(self) -> list[str]:
+        """Every tag folder, complete or not, oldest first."""
         if not self.fs.exists(self.root_path):
             return []
-        tags = []
-        for p in self.fs.ls(self.root_path, detail=False):
-            name = p.rstrip("/").rsplit("/", 1)[-1]
-            if TAG_RE.match(name) and self.fs.exists(f"{self.root_path}/{name}/{MARKER}"):
-                tags.append(name)
-        return sorted(tags)
+        names = (p.rstrip("/").rsplit("/", 1)[-1]
+                 for p in self.fs.ls(self.root_path, detail=False))
+        return sorted(n for n in names if TAG_RE.match(n))
+
+    def complete_tags(self) -> list[str]:
+        """Tags whose COMPLETE marker exists, oldest first."""
+        return [t for t in self.tags() if self.fs.exists(f"{self.root_path}/{t}/{MARKER}")]
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, engine, state: dict[str, Any], rank_tensors: dict[str, Any],
@@ -142,7 +156,7 @@ class Checkpointer:
             return self.fetch(self, tags[-1])
         src = Checkpointer(str(Path(which).parent) if "://" not in which
                            else which.rstrip("/").rsplit("/", 1)[0],
-                           self.info, self.keep_last, self.local.parent / "resume_src")
+                           self.info, self.keep_last, self.cache)
         tag = which.rstrip("/").rsplit("/", 1)[-1]
         tags = src.complete_tags()
         if tag not in tags:
@@ -211,6 +225,8 @@ def fault_hook(name: str, step: int) -> None:
 
 
 def faults_at(name: str) -> set[int]:
+    """Steps at which the trainer injects a fault: nan@STEP (a non-finite loss) or
+    data_stall@STEP (the step's batch arrives a second late)."""
     out = set()
     for item in os.environ.get("TRMGPT_FAULTS", "").split(","):
         if item.startswith(name + "@"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,31 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def choose_accelerator(cuda: bool | None = None) -> str:
+    """DeepSpeed's accelerator, from what this machine has unless DS_ACCELERATOR names one.
+
+    Every entry point calls this before deepspeed is imported (DeepSpeed reads the variable once,
+    on first use): a GPU machine gets cuda, a CPU-only one cpu. An explicit cpu on a machine with
+    CUDA is kept but reported: DeepSpeed would then run on the CPU while torch sees the GPUs.
+    """
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    name = os.environ.get("DS_ACCELERATOR", "")
+    if not name:
+        name = "cuda" if cuda else "cpu"
+        os.environ["DS_ACCELERATOR"] = name
+    elif name == "cpu" and cuda:
+        print("warning: DS_ACCELERATOR=cpu on a machine with CUDA: DeepSpeed will run on its CPU "
+              "accelerator. Unset it to use the GPUs.", file=sys.stderr, flush=True)
+    return name
+
+
+def world_size() -> int:
+    """Ranks in the process group this process belongs to (1 without one), not what the
+    environment says: a restarted worker group may carry a stale WORLD_SIZE."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def free_port() -> int:

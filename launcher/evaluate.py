@@ -1,51 +1,103 @@
-"""`launcher eval` and `launcher sample`, in one process on the run's consolidated weights."""
+"""Evaluation: val loss per supervision step, refinement and bits per byte, one step at a time.
+
+The trainer (through the engine) and `launcher eval` (on the consolidated weights) share it: each
+supervision step's (B, T, vocab) logits are reduced to four sums as soon as the step is done, on
+the model's device, so memory holds one step's logits, never N_sup of them.
+`launcher sample` lives here too.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
+
+SUMS = 4  # per step: CE over scored targets, scored targets, CE over byte targets, their bytes
+
+
+def eval_sums(logits: torch.Tensor, targets: torch.Tensor,
+              token_bytes: torch.Tensor) -> torch.Tensor:
+    """One step's sums (float64, on the logits' device) for val loss and bits per byte.
+
+    Targets -1 are ignored. A target that stands for no text (EOS and other special tokens,
+    0 bytes) is left out of both bits-per-byte sums: its loss has no bytes to be paid for, and
+    keeping it would bias the figure upward.
+    """
+    tgt = targets.flatten()
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), tgt, ignore_index=-1, reduction="none")
+    scored = tgt != -1
+    nbytes = torch.where(scored, token_bytes.to(tgt.device)[tgt.clamp(min=0)], 0)
+    text = nbytes > 0
+    return torch.stack([ce[scored].sum(), scored.sum(), ce[text].sum(), nbytes.sum()]).double()
+
+
+def eval_batch(step_fn, idx: torch.Tensor, targets: torch.Tensor, n_sup: int,
+               token_bytes: torch.Tensor) -> torch.Tensor:
+    """(n_sup, SUMS) for one batch. step_fn(idx, y, z, targets, s, prev_loss, token_bytes) ->
+    (sums, loss, y, z): a SupervisionStepModule, or the engine that wraps one."""
+    out = []
+    y = z = prev = None
+    for s in range(n_sup):
+        sums, prev, y, z = step_fn(idx, y, z, targets, s, prev, token_bytes)
+        out.append(sums)
+    return torch.stack(out)
+
+
+def summarize(totals: torch.Tensor) -> dict:
+    """Metrics from summed (n_sup, SUMS) totals; {} when no target was scored."""
+    totals = totals.tolist()
+    if totals[-1][1] == 0:
+        return {}
+    losses = [row[0] / row[1] for row in totals]
+    last = totals[-1]
+    return {"val_loss": losses[-1], "val_step_losses": losses,
+            "val_refinement": (losses[0] - losses[-1]) / losses[0],
+            "val_bpb": last[2] / (math.log(2) * last[3]) if last[3] else float("nan")}
 
 
 def eval_run(run_dir: str, weights: str = "ema", n_batches: int = 8) -> dict:
-    """Val loss per supervision step, refinement (L_1 − L_N)/L_1 and bits per byte."""
+    """Val loss per supervision step, refinement (L_1 − L_N)/L_1 and bits per byte, on the
+    machine's device (a GPU when there is one)."""
     from data_pipeline import DataSpec, build_loader, load_tokenizer
+    from launcher.dist import device
     from launcher.export import load_model
+    from launcher.parallelize import SupervisionStepModule
     from launcher.train import token_bytes as bytes_of
 
+    dev = device()
     run, model = load_model(run_dir, weights)
+    model.to(dev)
     t, m = run.train, run.model
     tok = load_tokenizer(t.tokenizer)
-    token_bytes = bytes_of(tok)
+    token_bytes = bytes_of(tok).to(dev)
     loader = build_loader(DataSpec.parse(t.data), tok, split="val",
                           batch_size=t.device_batch_size, seq_len=m.sequence_len, rank=0,
                           world_size=1, seed=t.seed, num_workers=0, path=t.data_path)
-    sums, tokens, nbytes = [0.0] * m.N_sup, 0, 0
+    step_fn = SupervisionStepModule(model)
+    totals = torch.zeros(m.N_sup, SUMS, dtype=torch.float64, device=dev)
     with torch.no_grad():
         for i, (idx, tgt) in enumerate(loader):
             if i == n_batches:
                 break
-            out = model(idx, tgt)
-            for s, loss in enumerate(out.step_losses):
-                sums[s] += loss.item() * tgt.numel()
-            tokens += tgt.numel()
-            nbytes += int(token_bytes[tgt].sum())
-    if tokens == 0:
+            totals += eval_batch(step_fn, idx.to(dev), tgt.to(dev), m.N_sup, token_bytes)
+    metrics = summarize(totals)
+    if not metrics:
         raise ValueError(f"the validation split of {t.data!r} yielded no batch")
-    losses = [s / tokens for s in sums]
-    return {"weights": weights, "tokens": tokens, "val_loss": losses[-1],
-            "val_step_losses": losses, "val_refinement": (losses[0] - losses[-1]) / losses[0],
-            "val_bpb": losses[-1] * tokens / (math.log(2) * nbytes)}
+    return {"weights": weights, "tokens": int(totals[-1, 1].item()), **metrics}
 
 
 def sample(run_dir: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int | None = 50, weights: str = "ema") -> str:
     from data_pipeline import load_tokenizer
+    from launcher.dist import device
     from launcher.export import load_model
 
+    dev = device()
     run, model = load_model(run_dir, weights)
+    model.to(dev)
     tok = load_tokenizer(run.train.tokenizer)
     ids = tok.encode(prompt)
-    idx = torch.tensor([ids[-run.model.sequence_len:]], dtype=torch.long)
+    idx = torch.tensor([ids[-run.model.sequence_len:]], dtype=torch.long, device=dev)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
     return tok.decode(out[0].tolist())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -16,19 +17,54 @@ from typing import Any
 
 import torch
 
-# dense bf16 peak FLOP/s per GPU (no sparsity), for MFU
-GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense peak FLOP/s per GPU (no sparsity) from the vendors' data sheets, for MFU, by the math
+# the matmuls run in: "16" (bf16/fp16 tensor cores), "tf32" (fp32 with TF32 matmuls allowed) and
+# "fp32" (torch's default for fp32 matmuls). The form factor matters: an H100 PCIe has ~3/4 of
+# the SXM part's peak. Matched against torch.cuda.get_device_name(), first match wins; a name
+# that matches nothing has no peak, and MFU is then not reported (or set peak_flops).
+GPU_PEAK: list[tuple[str, dict[str, float]]] = [
+    (r"H200 NVL", {"16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    (r"H200", {"16": 989e12, "tf32": 495e12, "fp32": 67e12}),
+    (r"H100.*PCIe", {"16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    (r"H100.*NVL", {"16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    (r"H100.*(SXM|HBM3)", {"16": 989e12, "tf32": 495e12, "fp32": 67e12}),
+    (r"A100", {"16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),  # SXM4 and PCIe alike
+    (r"L40S", {"16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    (r"A10$", {"16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
+]
 
 
-def peak_flops_per_device() -> float:
-    """The GPU's dense bf16 peak, or 0 on CPU (MFU is then not reported; set peak_flops)."""
-    if not torch.cuda.is_available():
-        return 0.0
-    name = torch.cuda.get_device_name()
-    for key, val in GPU_PEAK.items():
-        if key in name:
-            return val
-    return 0.0
+def matmul_math(precision: str) -> str:
+    """Which column of GPU_PEAK a run's matmuls use (precision already resolved)."""
+    if precision in ("bf16", "fp16"):
+        return "16"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def peak_flops_per_device(precision: str, name: str | None = None) -> float | None:
+    """Dense peak FLOP/s of this GPU (or the named one) at the run's precision; None on CPU or
+    for a GPU not in GPU_PEAK: no MFU is better than one against the wrong peak."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    for pattern, peaks in GPU_PEAK:
+        if re.search(pattern, name):
+            return peaks[matmul_math(precision)]
+    return None
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of steps <= step: a resume logs the later ones again, and a row logged
+    twice (once before a crash, once after the resume) would count twice in every plot."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def memory_gb() -> float:

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from launcher.config import RunConfig
+from launcher.dist import choose_accelerator
+from launcher.evaluate import eval_sums
 from model import RecursiveGPT
 
 
@@ -32,9 +34,15 @@ class SupervisionStepModule(nn.Module):
         self.model = model
 
     def forward(self, idx: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor | None,
-                targets: torch.Tensor, step: int, prev_loss: torch.Tensor | None):
+                targets: torch.Tensor, step: int, prev_loss: torch.Tensor | None,
+                token_bytes: torch.Tensor | None = None):
+        """With token_bytes (evaluation), the first output is the step's eval_sums instead of
+        its objective: the (B, T, vocab) logits are reduced here, inside the call (where ZeRO-3
+        has the weights), and never outlive the step."""
         st = self.model.supervision_step(idx, y, z, targets, step=step, prev_loss=prev_loss,
-                                         keep_logits=False)
+                                         keep_logits=token_bytes is not None)
+        if token_bytes is not None:
+            return eval_sums(st.logits, targets, token_bytes), st.loss, st.y, st.z
         return st.objective, st.loss, st.y, st.z
 
 
@@ -66,9 +74,12 @@ def deepspeed_config(run: RunConfig, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if t.zero_stage == 3:
-        # the shared stack runs many times per forward: don't let prefetch guess from a trace
+        # the shared stack runs many times per forward: don't let prefetch guess from a trace.
+        # Vectors (norm weights, initial states, the halting head) stay gathered on every rank,
+        # matrices are partitioned: gathering a 1-D weight costs a collective for a few KB
+        # (DeepSpeed's own threshold, 1e5 elements, would keep a small model's whole stack).
         cfg["zero_optimization"].update({"stage3_prefetch_bucket_size": 0,
-                                         "stage3_param_persistence_threshold": 0})
+                                         "stage3_param_persistence_threshold": run.model.n_embd})
     return cfg
 
 
@@ -97,7 +108,8 @@ def lr_multiplier(opt_step: int, total: int, warmup: int, shape: str, warmdown_f
     start = total - int(warmdown_frac * total)
     if opt_step < start:
         return 1.0
-    progress = min(1.0, (opt_step - start) / max(1, total - start))
+    # counted to the end of the step, so the last one (opt_step = total - 1) gets final_frac
+    progress = min(1.0, (opt_step + 1 - start) / max(1, total - start))
     if shape == "linear":
         return 1.0 - (1.0 - final_frac) * progress
     return final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -133,13 +145,17 @@ def activation_checkpoint_fn(impl: str, ds_config: dict[str, Any]):
 
 def parallelize(run: RunConfig, world_size: int, load_universal: bool = False):
     """Build model + DeepSpeed engine. Returns (engine, model, optimizer, scheduler)."""
+    choose_accelerator()  # before deepspeed is imported
     import deepspeed
 
     from launcher.safe_load import SafeTorchCheckpointEngine
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    torch.manual_seed(run.train.seed)  # same initial weights on every rank
-    model = RecursiveGPT(run.model)
+    # the same initial weights on every rank, from a forked generator: the caller's per-rank
+    # stream (seed + rank) goes on untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.train.seed)
+        model = RecursiveGPT(run.model)
     ds_cfg = deepspeed_config(run, world_size)
     if load_universal:
         ds_cfg["checkpoint"] = {"load_universal": True}

@@ -6,11 +6,12 @@ rank and world size from the environment. `train_step` shows the deep supervisio
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,18 @@ import torch
 
 from launcher.checkpoint import Checkpointer, ResumePoint, faults_at
 from launcher.config import RunConfig
-from launcher.dist import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, print0
-from launcher.metrics import MetricsLogger, memory_gb, peak_flops_per_device
-from launcher.parallelize import parallelize
+from launcher.dist import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    init_distributed,
+    print0,
+    world_size,
+)
+from launcher.evaluate import SUMS, eval_batch, summarize
+from launcher.metrics import MetricsLogger, drop_rows_after, memory_gb, peak_flops_per_device
+from launcher.parallelize import parallelize, resolve_precision
 from model import EMA
 
 
@@ -32,16 +42,21 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
     Each engine call is one supervision step: T-1 recursions without gradients, one with, the
     head and the step's loss (model.supervision_step). Its share of the objective
     (w_s·L_s + improvement penalty [+ halting]) is backpropagated at once, so only one step's
-    activations are alive; y and z come back detached. The engine divides every backward by its
-    gradient_accumulation_steps, hence the factor n_sup; engine.step() only applies at the
+    activations are alive; y and z come back detached. engine.step() only applies at the
     accumulation boundary:
       accumulate: boundary after all N_sup steps of all micro-batches (one update per batch);
       per_step:   boundary after step s of every micro-batch (one update per supervision step).
+    The engine divides every backward by its gradient_accumulation_steps (micro-batches × N_sup
+    in accumulate mode, micro-batches in per_step mode): the factor n_sup cancels its N_sup in
+    accumulate mode only, so that the update follows Σ_s objective_s (per micro-batch mean);
+    a per_step update follows objective_s itself.
     A non-finite loss on any rank skips the batch's remaining updates on every rank (in per_step
-    mode the steps before it stand: they were fine). Returns the mean loss per supervision step
-    and whether the batch was clean.
+    mode the steps before it stand: they were fine); a skipped update still uses up its step of
+    the learning-rate schedule, under every ZeRO stage. Returns the mean loss per supervision
+    step and whether the batch was clean.
     """
     device = engine.device
+    scale = n_sup if update_mode == "accumulate" else 1
     ok = True
     step_losses = [0.0] * n_sup
     states: list[tuple[Any, Any, Any]] = [(None, None, None)] * len(batches)
@@ -57,30 +72,40 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
         ok = ok and not any_rank(not bool(torch.isfinite(objective)))
         # backward runs even on a skipped batch (DeepSpeed's reductions expect every micro-step);
         # its later steps are poisoned too, so the engine's non-finite check drops the update
-        engine.backward(objective * (n_sup if ok else float("nan")))
+        engine.backward(objective * (scale if ok else float("nan")))
         boundary = engine.is_gradient_accumulation_boundary()
-        dropped = boundary and not ok and discard_gradients(engine)
-        engine.step()
-        if boundary and not ok and not dropped and engine.was_step_applied():
-            raise RuntimeError("DeepSpeed applied an update with non-finite gradients")
+        with dropped_update(engine, boundary and not ok) as dropped:
+            engine.step()
+        if boundary and not ok:
+            if not dropped and engine.was_step_applied():
+                raise RuntimeError("DeepSpeed applied an update with non-finite gradients")
+            if not engine.was_step_applied():
+                # DeepSpeed's overflow path skips the scheduler too; stage 0's dropped update
+                # went through the engine and stepped it: the schedule follows the step count
+                engine.lr_scheduler.step()
         states[i] = (y, z, loss.detach())
         step_losses[s] += loss.item() / len(batches)
     return step_losses, ok
 
 
-def discard_gradients(engine) -> bool:
-    """Skip the coming optimizer step. Under ZeRO (and DeepSpeed's bf16 optimizer) the engine
-    does it itself: a non-finite gradient norm discards the step and its gradients. Plain data
-    parallel in fp32 would apply it, so zero the gradients and the learning rate of this one
-    step (the scheduler sets it again right after): the weights stay exactly as they were."""
-    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
-        for p in engine.module.parameters():
-            if p.grad is not None:
-                p.grad.zero_()
-        for group in engine.optimizer.param_groups:
-            group["lr"] = 0.0
-        return True
-    return False
+@contextmanager
+def dropped_update(engine, drop: bool) -> Iterator[bool]:
+    """Around engine.step(): skip the optimizer step when drop. Under ZeRO (and DeepSpeed's
+    fp16/bf16 optimizers) the engine does it itself: a non-finite gradient norm discards the
+    step and its gradients (yields False). Plain data parallel in fp32 has no such check, so the
+    optimizer's step does nothing this once (yields True): the weights, AdamW's moments and its
+    step count stay exactly as they were, as on ZeRO's overflow path; the engine still clips,
+    zeroes the gradients and steps the scheduler."""
+    ours = drop and (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+                     and not engine.fp16_enabled())
+    opt = engine.optimizer
+    if ours:
+        opt.step = lambda *args, **kwargs: None  # shadows the method on this instance only
+    try:
+        yield ours
+    finally:
+        if ours:
+            del opt.step
 
 
 # ---------------------------------------------------------------------------- EMA per rank
@@ -105,7 +130,7 @@ def ema_full_from_shards(rp: ResumePoint) -> dict[str, torch.Tensor]:
 
 
 def ema_load(ema: EMA, model, rp: ResumePoint, zero3: bool, rank: int) -> None:
-    same = rp.world_size == int(os.environ.get("WORLD_SIZE", 1))
+    same = rp.world_size == world_size()
     if zero3 and same and rp.state["ema"]["layout"] == "zero3":
         tensors, _ = Checkpointer.rank_files(rp, rank)
         ema.load_state_dict({"decay": ema.decay, "num_updates": rp.state["ema"]["num_updates"],
@@ -159,36 +184,69 @@ def token_bytes(tok) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(engine, loader, n_sup: int, n_batches: int, token_bytes: torch.Tensor) -> dict:
     """Val loss per supervision step, refinement (L_1 − L_N)/L_1 and bits per byte, summed over
-    ranks. Runs through the engine so ZeRO-3 gathers the weights."""
+    ranks (launcher.evaluate). Runs through the engine so ZeRO-3 gathers the weights; each
+    step's logits are reduced inside its engine call."""
     engine.eval()
-    sums = [0.0] * n_sup
-    tokens = nbytes = 0.0
+    token_bytes = token_bytes.to(engine.device)
+    totals = torch.zeros(n_sup, SUMS, dtype=torch.float64, device=engine.device)
     it = iter(loader)
     for _ in range(n_batches):
         try:
             idx, tgt = next(it)
         except StopIteration:
             break
-        idx, tgt = idx.to(engine.device), tgt.to(engine.device)
-        y = z = prev = None
-        for s in range(n_sup):
-            _, loss, y, z = engine(idx, y, z, tgt, s, prev)
-            prev = loss
-            sums[s] += loss.item() * tgt.numel()
-        tokens += tgt.numel()
-        nbytes += token_bytes[tgt.cpu()].sum().item()
+        totals += eval_batch(engine, idx.to(engine.device), tgt.to(engine.device), n_sup,
+                             token_bytes)
     engine.train()
-    tot = all_reduce_sum(sums + [tokens, nbytes])
-    tokens, nbytes = tot[-2], tot[-1]
-    if tokens == 0:
-        return {}
-    step_losses = [s / tokens for s in tot[:n_sup]]
-    return {"val_loss": step_losses[-1], "val_step_losses": step_losses,
-            "val_refinement": (step_losses[0] - step_losses[-1]) / step_losses[0],
-            "val_bpb": step_losses[-1] * tokens / (math.log(2) * max(nbytes, 1.0))}
+    summed = all_reduce_sum(totals.flatten().tolist())
+    return summarize(torch.tensor(summed, dtype=torch.float64).view(n_sup, SUMS))
 
 
 # ---------------------------------------------------------------------------- the loop
+def run_checkpointer(run: RunConfig, run_path: Path, info: DistInfo) -> Checkpointer:
+    """The run's checkpoints (RUN_DIR/checkpoints or checkpoint_dir); a remote root is staged
+    under $TRMGPT_CACHE, in a folder of its own (keyed by the whole URL)."""
+    cache = Path(os.environ.get("TRMGPT_CACHE", Path.home() / ".cache" / "trmgpt"))
+    return Checkpointer(run.train.checkpoint_dir or str(run_path / "checkpoints"), info,
+                        run.train.keep_last, cache)
+
+
+def earlier_run(run_path: Path, ckpt: Checkpointer) -> str | None:
+    """Why a fresh start may not use this run directory, or None. Starting over on top of an
+    earlier run would let its pruning delete that run's checkpoints and mix its metrics rows
+    with ours, so any checkpoint (complete or not) or logged metric refuses it."""
+    held = []
+    if ckpt.tags():
+        held.append(f"checkpoints in {ckpt.root}")
+    metrics = run_path / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size > 0:
+        held.append(f"metrics in {metrics}")
+    if not held:
+        return None
+    return (f"{run_path} already holds a run ({'; '.join(held)}). Continue it with "
+            "--resume latest, or start a new run with another --run-dir.")
+
+
+def load_engine_checkpoint(engine, rp: ResumePoint) -> None:
+    """DeepSpeed's load, refusing to go on when it loaded nothing: the run would carry on from
+    fresh weights with the saved step, data position and EMA."""
+    where = rp.local_dir / rp.tag
+    if not any(where.glob("*model_states.pt")):
+        raise ValueError(f"{where} has no DeepSpeed model states (*model_states.pt): nothing to "
+                         "resume from; check the checkpoint or resume another one")
+    path, _ = engine.load_checkpoint(str(rp.local_dir), tag=rp.tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise ValueError(f"DeepSpeed loaded nothing from {where}: the run would go on from fresh "
+                         "weights; check the checkpoint or resume another one")
+
+
+def applied_lr(sched) -> float:
+    """The learning rate (first group) of the last update: the scheduler has already moved on
+    to the next one."""
+    return sched.base_lrs[0] * sched.lr_lambdas[0](max(0, sched.last_epoch - 1))
+
+
 def rng_state() -> tuple[dict[str, torch.Tensor], list]:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -215,14 +273,17 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
     torch.manual_seed(t.seed + info.rank)
     random.seed(t.seed + info.rank)
     run_path = Path(run_dir)
-    stage_dir = Path(os.environ.get("TRMGPT_CACHE", Path.home() / ".cache" / "trmgpt"))
-    ckpt = Checkpointer(t.checkpoint_dir or str(run_path / "checkpoints"), info, t.keep_last,
-                        stage_dir / "stage" / run_path.name)
+    ckpt = run_checkpointer(run, run_path, info)
 
     # where do we start? (decided before the engine exists: a new world size loads universal)
+    if not resume:
+        conflict = earlier_run(run_path, ckpt)
+        if any_rank(conflict is not None):  # every rank stops, before anything is written
+            raise ValueError(conflict or "another rank found an earlier run in its run directory")
     rp = ckpt.find(resume) if resume else None
-    if resume and resume != "latest" and rp is None:
-        raise ValueError(f"no checkpoint at {resume}")
+    if resume and rp is None:
+        raise ValueError(f"--resume {resume}: there is no complete checkpoint under {ckpt.root} "
+                         "to resume from; start the run without --resume (a new --run-dir)")
     universal = rp is not None and rp.world_size != info.world_size and t.zero_stage > 0
     if rp is not None:
         saved = rp.state["config"]
@@ -248,8 +309,7 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
     ema = EMA(ema_tensors(model, zero3), t.ema_decay, warmup=True)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "nonfinite_total": 0, "wandb_id": None}
     if rp is not None:
-        engine.load_checkpoint(str(rp.local_dir), tag=rp.tag, load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
+        load_engine_checkpoint(engine, rp)
         ema_load(ema, model, rp, zero3, info.rank)
         for k in state:
             state[k] = rp.state[k]
@@ -270,6 +330,8 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
     if info.is_main:
         run_path.mkdir(parents=True, exist_ok=True)
         run.save(run_path / "config.json")
+        if rp is not None:  # rows logged after that checkpoint are logged again from here
+            drop_rows_after(run_path / "metrics.jsonl", state["step"])
     logger = MetricsLogger(run_path, info.is_main, run, state["wandb_id"])
     state["wandb_id"] = logger.run_id
     fig = mc.summary()
@@ -283,8 +345,8 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
 
     tbytes = token_bytes(tok)
     tokens_per_step = t.device_batch_size * mc.sequence_len * ga * info.world_size
-    peak = t.peak_flops or peak_flops_per_device()
-    nan_steps = faults_at("nan")
+    peak = t.peak_flops or peak_flops_per_device(resolve_precision(t.precision))
+    nan_steps, stall_steps = faults_at("nan"), faults_at("data_stall")
     in_a_row = 0
     it = iter(loader)
     last_good = (ckpt.complete_tags() or [None])[-1]
@@ -312,8 +374,10 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
     end = min(t.max_steps, stop_at or t.max_steps)
     while state["step"] < end:
         step = state["step"] + 1
+        t0 = time.time()  # a step's time includes waiting for its data
+        if step in stall_steps:
+            time.sleep(1.0)  # fault injection (TRMGPT_FAULTS=data_stall@STEP): a slow source
         batches = [next(it) for _ in range(ga)]
-        t0 = time.time()
         step_losses, ok = train_step(engine, batches, mc.N_sup, t.update_mode,
                                      nan_at_step=step in nan_steps)
         if ok:
@@ -341,14 +405,16 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
             losses = [x / info.world_size for x in losses]
             recent = step_times[-t.log_every:]
             tok_s = tokens_per_step / (sum(recent) / len(recent))
-            mfu = (mc.flops_per_token() * tok_s / (peak * info.world_size)) if peak else None
             eta = (t.max_steps - step) * (time.time() - t_last) / max(1, len(recent))
-            logger.log(step, {
+            row = {
                 "loss": losses[-1], "step_losses": losses,
                 "refinement": (losses[0] - losses[-1]) / losses[0] if losses[0] else 0.0,
-                "tokens_per_s": tok_s, "mfu": mfu, "lr": sched.get_last_lr()[0],
+                "tokens_per_s": tok_s, "lr": applied_lr(sched),
                 "mem_gb": memory_gb(), "tokens": state["tokens"], "skipped": not ok,
-                "nonfinite_total": state["nonfinite_total"], "eta_s": eta})
+                "nonfinite_total": state["nonfinite_total"], "eta_s": eta}
+            if peak:  # no figure rather than a wrong one when the device's peak is unknown
+                row["mfu"] = mc.flops_per_token() * tok_s / (peak * info.world_size)
+            logger.log(step, row)
             t_last = time.time()
         if step % t.eval_every == 0 or step == t.max_steps:
             val_loader = build_loader(spec, tok, split="val",

@@ -26,7 +26,7 @@ def ck(tmp_path: Path) -> Checkpointer:
     root = tmp_path / "checkpoints"
     for step, complete in ((2, True), (4, True), (6, False)):
         make_tag(root, step, complete)
-    return Checkpointer(str(root), DistInfo(0, 1, 0), keep_last=2, stage_dir=tmp_path / "stage")
+    return Checkpointer(str(root), DistInfo(0, 1, 0), keep_last=2, cache=tmp_path / "cache")
 
 
 def test_latest_is_the_newest_complete_tag(ck):

@@ -78,7 +78,11 @@ def runs(tmp_path_factory, data) -> dict[str, Path]:
     one: the same 10-step checkpoint resumed on 1 rank with the same global batch."""
     root = tmp_path_factory.mktemp("runs")
     straight, split, one = root / "straight", root / "split", root / "one"
-    common = ("--max-steps", "20", "--zero", "2")
+    # improvement reward off: relu(L_s - L_{s-1}) has a kink, and late supervision steps of
+    # tiny tie to ~1e-6, so the ~1e-7 rounding difference of another world size can flip a
+    # penalty on or off and move the 2 -> 1 rank comparison by 1e-4 (seen after a schedule
+    # change moved the ties); without it the objective is smooth and the runs agree to 1e-6
+    common = ("--max-steps", "20", "--zero", "2", "--set", "improvement_reward_scale=0")
     train(straight, data, *common, workers=2)
     train(split, data, *common, "--stop-after", "10", workers=2)
     shutil.copytree(split, one)

@@ -16,8 +16,8 @@ from launcher.describe import memory_estimate
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("preset,zero,depth", [("tiny", 2, 48), ("A", 1, 768), ("B", 2, 1280),
-                                               ("C", 2, 2400), ("D", 3, 2880)])
+@pytest.mark.parametrize("preset,zero,depth", [("tiny", 2, 48), ("A", 1, 768), ("B", 1, 1280),
+                                               ("C", 1, 2400), ("D", 1, 2880)])
 def test_presets_resolve(preset, zero, depth):
     run = resolve(preset)
     assert run.train.zero_stage == zero and run.model.effective_depth == depth
