@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from launcher.config import RunConfig, parse_overrides, resolve
@@ -46,9 +47,74 @@ def run_config(args, extra: list[str], world_size: int) -> RunConfig:
     return resolve(args.preset, over, world_size=world_size)
 
 
+def default_run_dir(preset: str) -> str:
+    return f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_run_dir(run_dir: str, resume: str | None, ckpt_root: str) -> None:
+    """Refuse, before anything starts, a fresh run into a used folder and a resume of nothing."""
+    from launcher.ray_train import complete_tags
+
+    used = (Path(run_dir) / "metrics.jsonl").exists() or bool(complete_tags(ckpt_root))
+    if resume is None and used:
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume latest, or "
+                         "train into a new --run-dir")
+    if resume == "latest" and not complete_tags(ckpt_root):
+        raise ValueError(f"--resume latest: {ckpt_root} holds no complete checkpoint")
+
+
+def lr_note(run, run_dir: str) -> str | None:
+    """What the schedule does when a resumed run's horizon changes (extending a run)."""
+    saved = Path(run_dir) / "config.json"
+    if not saved.exists():
+        return None
+    old = json.loads(saved.read_text())["train"]["max_steps"]
+    new = run.train.max_steps
+    if old == new:
+        return None
+    t = run.train
+    return (f"note: max_steps {old} -> {new}. The data continues where it stopped; the lr "
+            f"schedule is recomputed for the new horizon: warm-up ({t.warmup_steps} steps) is "
+            f"unchanged, the {t.warmdown} warm-down now covers the last "
+            f"{t.warmdown_frac:.0%} of {new} steps (from step "
+            f"{new - int(t.warmdown_frac * new)}), so a run that was already decaying goes "
+            "back up to the lr of its new point on the schedule.")
+
+
+def cmd_train_ray(args, extra: list[str]) -> None:
+    """`launcher train --ray`: the TorchTrainer path (local Ray unless --address)."""
+    from launcher import ray_train
+
+    workers = args.workers
+    if args.min_workers is not None:
+        if not 1 <= args.min_workers <= args.workers:
+            raise ValueError(f"--min-workers must be in [1, --workers={args.workers}]")
+        workers = (args.min_workers, args.workers)
+    hi = args.workers
+    run = run_config(args, extra, hi)
+    run_dir = os.path.abspath(args.run_dir) if "://" not in args.run_dir else args.run_dir
+    check_run_dir(run_dir, args.resume, ray_train.checkpoint_root(run, run_dir))
+    if args.resume and (note := lr_note(run, run_dir)):
+        print(note, flush=True)
+    print(f"launching {run.preset} on Ray: {workers} worker(s), run dir {run_dir}", flush=True)
+    try:
+        step = ray_train.fit(run, run_dir, workers, resume=args.resume,
+                             stop_after=args.stop_after, address=args.address,
+                             max_failures=args.max_failures,
+                             use_gpu=True if args.gpu else None,
+                             gpus_per_node=args.gpus_per_node)
+    except ray_train.RunFailed as e:
+        raise SystemExit(f"error: the run failed: {e}") from None
+    ray_train.print_next_steps(run_dir, step)
+
+
 def cmd_train(args, extra: list[str]) -> None:
     engine_env()
     in_group = "RANK" in os.environ
+    if args.run_dir is None:
+        args.run_dir = default_run_dir(args.preset)
+    if args.ray and not in_group:
+        return cmd_train_ray(args, extra)
     world = int(os.environ.get("WORLD_SIZE", args.workers))
     run = run_config(args, extra, world)  # refused here, before any rank starts
     if args.workers > 1 and not in_group:
@@ -106,10 +172,21 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("train", help="train a preset (nanochat-style flags accepted)")
     add_config_args(p)
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--run-dir", help="default runs/<preset>-<date>-<time>")
     p.add_argument("--resume", help="'latest' or a checkpoint folder (checkpoints/step_N)")
     p.add_argument("--stop-after", type=int, metavar="STEP",
                    help="checkpoint and exit at this step (a job segment); resume goes on")
+    p.add_argument("--ray", action="store_true",
+                   help="run the workers as a Ray Train TorchTrainer (what `make train` does); "
+                   "without it, --workers N starts torchrun")
+    p.add_argument("--address", help="with --ray: the Ray cluster ('auto' inside a job); "
+                   "default: a private local Ray on 127.0.0.1")
+    p.add_argument("--min-workers", type=int, help="with --ray: elastic, between this and "
+                   "--workers (needs pre-tokenized data)")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="with --ray: worker-group restarts before the run fails")
+    p.add_argument("--gpu", action="store_true", help="with --ray: one GPU per worker")
+    p.add_argument("--gpus-per-node", type=int, default=8, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("describe", help="dry run: config, params, depths, FLOPs, memory")
     add_config_args(p)
