@@ -92,7 +92,11 @@ def cmd_train_ray(args, extra: list[str]) -> None:
         workers = (args.min_workers, args.workers)
     hi = args.workers
     run = run_config(args, extra, hi)
-    run_dir = os.path.abspath(args.run_dir) if "://" not in args.run_dir else args.run_dir
+    run_dir = (os.path.abspath(os.path.expanduser(args.run_dir)) if "://" not in args.run_dir
+               else args.run_dir)
+    storage = os.environ.get("TRMGPT_STORAGE")  # the cluster's shared checkpoint storage
+    if storage and args.address and not run.train.checkpoint_dir:
+        run.train.checkpoint_dir = f"{storage.rstrip('/')}/{Path(run_dir).name}/checkpoints"
     check_run_dir(run_dir, args.resume, ray_train.checkpoint_root(run, run_dir))
     if args.resume and (note := lr_note(run, run_dir)):
         print(note, flush=True)
@@ -106,6 +110,36 @@ def cmd_train_ray(args, extra: list[str]) -> None:
     except ray_train.RunFailed as e:
         raise SystemExit(f"error: the run failed: {e}") from None
     ray_train.print_next_steps(run_dir, step)
+
+
+def run_config_from(preset: str, argv: list[str], world_size: int) -> RunConfig:
+    """Resolve a preset plus `launcher train`-style flags, as the job will (refusals here)."""
+    p = argparse.ArgumentParser(prog="launcher", add_help=False)
+    add_config_args(p)
+    for flag in ("--resume", "--run-dir", "--stop-after"):
+        p.add_argument(flag)
+    args, extra = p.parse_known_args(argv)
+    return run_config(argparse.Namespace(**{**vars(args), "preset": preset}), extra, world_size)
+
+
+def cmd_submit(args, extra: list[str]) -> None:
+    from launcher import jobs
+
+    jobs.submit(args.preset, args.nodes, extra, gpus_per_node=args.gpus_per_node, cpu=args.cpu,
+                runs_root=args.runs_root)
+
+
+def cmd_jobs(args, extra: list[str]) -> None:
+    from launcher import jobs
+
+    if args.cmd == "status":
+        print(jobs.format_status(jobs.status()))
+    elif args.cmd == "logs":
+        jobs.logs(args.run, args.follow)
+    elif args.cmd == "stop":
+        print(jobs.stop(args.run))
+    elif args.cmd == "resume":
+        print(jobs.resume(args.run, extra))
 
 
 def cmd_train(args, extra: list[str]) -> None:
@@ -162,11 +196,6 @@ def cmd_plot(args, extra: list[str]) -> None:
         print(f"wrote {p}")
 
 
-def cmd_cluster(args, extra: list[str]) -> None:
-    raise SystemExit(f"launcher {args.cmd}: the Ray cluster launcher (Ray Jobs + Ray Train) is "
-                     "not built yet; train on this machine with `launcher train --workers N`.")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="launcher", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -210,16 +239,30 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("plot")
     p.add_argument("--run-dir", required=True)
     p.set_defaults(fn=cmd_plot)
-    for name in ("submit", "resume", "status", "logs", "stop"):
+    p = sub.add_parser("submit", help="submit a run to the Ray cluster as a Ray job")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--nodes", type=int, default=1, help="GPU nodes (workers = nodes x GPUs)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--cpu", action="store_true", help="one CPU worker per node (tests)")
+    p.add_argument("--runs-root", default="~/trmgpt-runs", help="run dirs on the nodes")
+    p.set_defaults(fn=cmd_submit)
+    for name in ("resume", "logs", "stop"):
         p = sub.add_parser(name, help="against a Ray cluster")
-        p.set_defaults(fn=cmd_cluster)
+        p.add_argument("--run", required=True, help="the run id `submit` printed")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true")
+        p.set_defaults(fn=cmd_jobs)
+    p = sub.add_parser("status", help="every run on the Ray cluster")
+    p.set_defaults(fn=cmd_jobs)
     args, extra = ap.parse_known_args(argv)
-    if extra and args.cmd not in ("train", "describe", "submit", "resume", "status", "logs",
-                                  "stop"):
+    if extra and args.cmd not in ("train", "describe", "submit", "resume"):
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    from launcher.jobs import JobsError
+
     try:
         args.fn(args, extra)
-    except ValueError as e:  # a refused config or input: say what and why, no traceback
+    except (ValueError, FileNotFoundError, JobsError) as e:
+        # a refused config or input, an unreachable cluster: what and why, no traceback
         raise SystemExit(f"error: {e}") from None
 
 
