@@ -112,14 +112,24 @@ def cmd_train_ray(args, extra: list[str]) -> None:
     ray_train.print_next_steps(run_dir, step)
 
 
-def run_config_from(preset: str, argv: list[str], world_size: int) -> RunConfig:
+def run_config_from(preset: str, argv: list[str], world_size: int,
+                    gpus_per_node: int = 8) -> RunConfig:
     """Resolve a preset plus `launcher train`-style flags, as the job will (refusals here)."""
     p = argparse.ArgumentParser(prog="launcher", add_help=False)
     add_config_args(p)
-    for flag in ("--resume", "--run-dir", "--stop-after"):
+    for flag in ("--resume", "--run-dir", "--stop-after", "--address", "--max-failures"):
         p.add_argument(flag)
+    p.add_argument("--min-workers", type=int)
+    p.add_argument("--gpu", action="store_true")
     args, extra = p.parse_known_args(argv)
-    return run_config(argparse.Namespace(**{**vars(args), "preset": preset}), extra, world_size)
+    run = run_config(argparse.Namespace(**{**vars(args), "preset": preset}), extra, world_size)
+    if args.min_workers is not None:  # elastic: what the job would refuse, refused now
+        from launcher.ray_train import elastic_batch
+
+        if not 1 <= args.min_workers <= world_size:
+            raise ValueError(f"--min-workers must be in [1, {world_size}]")
+        elastic_batch(run, (args.min_workers, world_size), gpus_per_node)
+    return run
 
 
 def cmd_submit(args, extra: list[str]) -> None:
@@ -149,6 +159,9 @@ def cmd_train(args, extra: list[str]) -> None:
         args.run_dir = default_run_dir(args.preset)
     if args.ray and not in_group:
         return cmd_train_ray(args, extra)
+    if args.resume and not in_group and (note := lr_note(run_config(args, extra, args.workers),
+                                                         args.run_dir)):
+        print(note, flush=True)
     world = int(os.environ.get("WORLD_SIZE", args.workers))
     run = run_config(args, extra, world)  # refused here, before any rank starts
     if args.workers > 1 and not in_group:

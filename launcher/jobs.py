@@ -35,8 +35,8 @@ RUNS_ROOT = "~/trmgpt-runs"
 JOB_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 PASS_ENV = ("WANDB_MODE", "WANDB_PROJECT", "TRMGPT_FAULTS")
-SECRET_NAMES = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.I)
-EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", ".pytest_cache", "bench/REPORT.md",
+SECRET_NAMES = re.compile(r"(_KEY|_TOKEN|_SECRET|PASSWORD|CREDENTIALS?)$", re.I)
+EXCLUDES = ["runs", "**/__pycache__", ".pytest_cache", "bench/REPORT.md",
             "tests"]
 PROGRESS = re.compile(r"step\s+(\d+) \| loss ([0-9.]+|nan|inf) .*?\| ([0-9,]+) tok/s")
 
@@ -72,7 +72,8 @@ def job_env() -> dict[str, str]:
     for k in PASS_ENV:
         if k in os.environ:
             env[k] = os.environ[k]
-    assert not any(SECRET_NAMES.search(k) for k in env), "a secret in the job env"
+    if any(SECRET_NAMES.search(k) for k in env):  # never: Ray would hand it to every client
+        raise JobsError("refusing to send a secret in the job's runtime_env")
     return env
 
 
@@ -99,7 +100,7 @@ def submit(preset: str, nodes: int, extra: list[str], *, gpus_per_node: int = 8,
     if nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {nodes}")
     world = nodes if cpu else nodes * gpus_per_node
-    run_config_from(preset, extra, world)  # ValueError naming the key and the rule
+    run_config_from(preset, extra, world, 1 if cpu else gpus_per_node)  # refusals name the rule
     run_id = run_id or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = f"{runs_root.rstrip('/')}/{run_id}"
     argv = train_argv(preset, nodes, gpus_per_node, cpu, run_dir, extra)

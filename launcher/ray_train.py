@@ -26,9 +26,13 @@ from typing import Any
 
 from launcher.config import REPO, RunConfig
 
-SECRET_FILE = Path.home() / ".trmgpt" / "wandb_api_key"
-"""Where a node finds the wandb key (mounted by the cluster YAML, mode 0600). Secrets never
-travel in a job's runtime_env: Ray returns those to every client and logs them."""
+
+def secret_file() -> Path:
+    """Where a node finds the wandb key: ~/.trmgpt/node/wandb_api_key (mounted by the cluster
+    YAML, mode 600), or $TRMGPT_WANDB_KEY_FILE. Secrets never travel in a job's runtime_env:
+    Ray returns its env_vars to every client and logs them."""
+    default = Path.home() / ".trmgpt" / "node" / "wandb_api_key"
+    return Path(os.environ.get("TRMGPT_WANDB_KEY_FILE") or default)
 
 
 @dataclass
@@ -76,8 +80,9 @@ def worker_setup(env: dict[str, str]) -> None:
         os.environ.setdefault(k, v)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "WANDB_API_KEY" not in os.environ and SECRET_FILE.exists():
-        os.environ["WANDB_API_KEY"] = SECRET_FILE.read_text().strip()  # in memory only
+    key = secret_file()
+    if "WANDB_API_KEY" not in os.environ and key.exists():
+        os.environ["WANDB_API_KEY"] = key.read_text().strip()  # in memory only
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -170,7 +175,7 @@ def fit(run: RunConfig, run_dir: str, workers: int | tuple[int, int], *,
 
     local = not address
     if use_gpu is None:
-        use_gpu = torch.cuda.is_available() if local else True
+        use_gpu = torch.cuda.is_available() if local else False  # a cluster job says --gpu
     elastic_batch(run, workers, gpus_per_node if use_gpu else 1)
     cpus = os.cpu_count() or 1
     hi = workers if isinstance(workers, int) else workers[1]

@@ -1,4 +1,4 @@
-"""cluster/: every cluster-launcher YAML passes the schema Ray ships (ray/autoscaler/ray-schema.json)
+"""cluster/: every cluster-launcher YAML passes the schema Ray ships (ray-schema.json)
 and Ray's own config checks; the security settings the issue asks for are in each of them; the
 KubeRay manifests keep the job API on loopback and take secrets from a Secret; `python -m cluster`
 renders the worker count and refuses bad input before anything runs."""

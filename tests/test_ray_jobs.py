@@ -77,6 +77,7 @@ class Head:
                                      start_new_session=True)  # its own process group
 
     def wait_ready(self, timeout: float = 120) -> None:
+        import urllib.error
         import urllib.request
 
         end = time.time() + timeout
@@ -85,7 +86,9 @@ class Head:
             try:
                 urllib.request.urlopen(self.address + "/api/version", timeout=2)
                 return
-            except Exception:
+            except urllib.error.HTTPError:  # it answers (401 without the token): it is up
+                return
+            except OSError:
                 time.sleep(1)
         raise TimeoutError((self.tmp / "head.log").read_text()[-3000:])
 

@@ -153,21 +153,25 @@ def test_sigkilled_worker_restarts_group_and_resumes_to_identical_weights(tmp_pa
 
 # ----------------------------------------------------------------------------- extend
 def test_extending_a_run_with_a_larger_max_steps_continues(tmp_path):
+    """The streaming loader's fix, on one plain process (the Ray path resumes the same way: the
+    Jobs test extends a run through `make resume`)."""
     run_dir = tmp_path / "ext"
-    run(ray_train(run_dir, "--max-steps", "4", workers=1))
+    plain = [sys.executable, "-m", "launcher", "train", "--preset", "tiny", "--run-dir",
+             str(run_dir), *SMALL]
+    run([*plain, "--max-steps", "4"])
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]
     before = losses(run_dir)
-    res = run(ray_train(run_dir, "--max-steps", "8", "--resume", "latest", workers=1))
+    res = run([*plain, "--max-steps", "8", "--resume", "latest"])
     assert "note: max_steps 4 -> 8" in res.stdout and "lr schedule" in res.stdout
     assert "resumed from" in res.stdout and "at step 4" in res.stdout
     after = losses(run_dir)
     assert sorted(after) == list(range(1, 9))
     assert {s: after[s] for s in before} == before  # steps 1-4 not trained again
-    assert (run_dir / "checkpoints" / "step_00000008" / "COMPLETE").exists()
     state = json.loads((run_dir / "checkpoints" / "step_00000008" / "trmgpt" / "state.json")
                        .read_text())
-    assert state["step"] == 8
-    # a fresh start into the same folder, or a resume of nothing, is refused before Ray starts
+    assert state["step"] == 8 and (run_dir / "checkpoints" / "step_00000008" / "COMPLETE").exists()
+    # through Ray, a fresh start into the same folder, or a resume of nothing, is refused before
+    # Ray starts
     res = subprocess.run(ray_train(run_dir, "--max-steps", "8", workers=1), cwd=REPO, env=env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "already holds a run" in res.stderr
