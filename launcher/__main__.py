@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.config import RunConfig, parse_overrides, resolve
+from launcher.config import REPO, RunConfig, parse_overrides, resolve
 
 ENV_DEFAULTS = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false",
@@ -100,6 +100,12 @@ def cmd_train_ray(args, extra: list[str]) -> None:
     check_run_dir(run_dir, args.resume, ray_train.checkpoint_root(run, run_dir))
     if args.resume and (note := lr_note(run, run_dir)):
         print(note, flush=True)
+    cwd = os.getcwd()
+    os.chdir(REPO)  # where the workers resolve the presets' relative paths
+    try:
+        ray_train.preflight(run)
+    finally:
+        os.chdir(cwd)
     print(f"launching {run.preset} on Ray: {workers} worker(s), run dir {run_dir}", flush=True)
     try:
         step = ray_train.fit(run, run_dir, workers, resume=args.resume,
@@ -178,7 +184,17 @@ def cmd_describe(args, extra: list[str]) -> None:
     from launcher.describe import describe
 
     world = args.workers if args.nodes is None else args.nodes * args.gpus_per_node
-    print(describe(run_config(args, extra, world), world))
+    run = run_config(args, extra, world)
+    print(describe(run, world))
+    if args.nodes is not None:
+        t = run.train
+        gbs = t.global_batch_size or t.device_batch_size * world
+        print(f"`make submit PRESET={run.preset} NODES={args.nodes}` would ask Ray for "
+              f"{args.nodes} node(s) x {args.gpus_per_node} GPUs = {world} Ray Train workers "
+              f"(1 GPU each, NCCL), global batch {gbs}"
+              f" sequences = {t.device_batch_size} per GPU x grad accum {t.grad_accum(world)} x "
+              f"{world}; checkpoints every {t.checkpoint_every} steps; a lost worker restarts the "
+              "group from the latest complete one")
 
 
 def cmd_eval(args, extra: list[str]) -> None:
@@ -189,6 +205,7 @@ def cmd_eval(args, extra: list[str]) -> None:
 
 
 def cmd_sample(args, extra: list[str]) -> None:
+    engine_env()
     from launcher.evaluate import sample
 
     print(sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k,

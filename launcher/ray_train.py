@@ -143,6 +143,23 @@ def elastic_batch(run: RunConfig, workers: int | tuple[int, int], per_node: int)
             t.grad_accum(w)  # ValueError naming the rule
 
 
+def preflight(run: RunConfig) -> None:
+    """What every worker would fail on, checked once here: Ray Train restarts a failed group
+    (max_failures times) whatever the error, so a missing data source or tokenizer must stop the
+    run before a group starts. Raises ValueError/FileNotFoundError naming the input."""
+    from data_pipeline import DataSpec, load_tokenizer
+
+    tok = load_tokenizer(run.train.tokenizer)
+    if tok.vocab_size > run.model.vocab_size:
+        raise ValueError(f"vocab_size ({run.model.vocab_size}) is smaller than the tokenizer's "
+                         f"vocabulary ({tok.vocab_size}); set vocab_size={tok.padded_vocab_size}")
+    spec = DataSpec.parse(run.train.data)
+    if not spec.is_pretokenized:
+        from data_pipeline.sources import plan_split, probe
+
+        probe(plan_split(spec, "train"))
+
+
 def ray_init(address: str | None, cpus: int | None = None) -> None:
     """Attach to a cluster (address 'auto', 'ray://...', host:port) or start a private local
     one on loopback with no dashboard."""

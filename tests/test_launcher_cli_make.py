@@ -83,6 +83,7 @@ BAD = [  # (target, variables, message)
     ("train", ["WORKERS=0"], "WORKERS must be a whole number >= 1"),
     ("train", ["ARGS=--n_head=5"], "n_embd (128) must be divisible by n_head (5)"),
     ("train", ["ARGS=--no_such_key=1"], "unknown config key 'no_such_key'"),
+    ("train", ["ARGS=--data /nonexistent/x.txt"], "data source '/nonexistent/x.txt' matches no"),
     ("describe", ["PRESET=Z"], "unknown PRESET 'Z'"),
     ("describe", ["NODES=0"], "NODES must be a whole number >= 1"),
     ("submit", ["PRESET=Z"], "unknown PRESET 'Z'"),

@@ -100,7 +100,8 @@ def test_make_train_from_a_fresh_copy_then_eval_and_sample(tmp_path):
     assert "val_bpb" in res.stdout
     res = run([*make, "sample", "RUN=first", "PROMPT=ROMEO:", "ARGS=--max-new-tokens 8"],
               cwd=clone, PYTHONPATH=str(clone))
-    assert res.stdout.strip().startswith("ROMEO:")
+    assert res.stdout.splitlines()[0].startswith(".venv/bin/python -m launcher sample")
+    assert res.stdout.strip().splitlines()[-1].startswith("ROMEO:")
 
 
 # ----------------------------------------------------------------------------- fault
@@ -178,3 +179,16 @@ def test_extending_a_run_with_a_larger_max_steps_continues(tmp_path):
     res = subprocess.run(ray_train(tmp_path / "empty", "--resume", "latest", workers=1),
                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "holds no complete checkpoint" in res.stderr
+
+
+# ----------------------------------------------------------------------------- errors
+def test_a_workers_error_ends_as_one_clear_line(tmp_path):
+    """A rank that fails for good (here: non-finite losses three steps in a row, retries off)
+    ends the command with one readable line and a non-zero exit, after Ray's own reports."""
+    e = env(TRMGPT_FAULTS="nan@1,nan@2,nan@3")
+    res = subprocess.run(ray_train(tmp_path / "nan", "--max-steps", "4", "--max-failures", "0",
+                                   workers=1), cwd=REPO, env=e, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the run failed: ") and "non-finite losses" in last, last
