@@ -171,16 +171,31 @@ def ray_init(address: str | None, cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     if address:
-        ray.init(address=address, **quiet)
+        try:
+            ray.init(address=address, **quiet)
+        except Exception as e:
+            raise RunFailed(f"cannot join the Ray cluster at {address}: {e}") from None
     else:
         from launcher.dist import free_port
+
+        # on a busy machine the node's agents can take longer than Ray's 30 s to register; the
+        # raylet then dies and ray.init never returns. Give them two minutes.
+        os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
 
         # Ray Train's placement-group cleaner asks the state API (served by the dashboard
         # process) whether the controller lives: without it, it warns every few seconds. So the
         # dashboard runs, on loopback and a free port, reachable from this machine only.
-        ray.init(address="local", num_cpus=cpus or os.cpu_count(), include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=free_port(),
-                 _node_ip_address="127.0.0.1", **quiet)
+        for attempt in (1, 2):  # a node that timed out starting on a busy machine: once more
+            try:
+                ray.init(address="local", num_cpus=cpus or os.cpu_count(),
+                         include_dashboard=True, dashboard_host="127.0.0.1",
+                         dashboard_port=free_port(), _node_ip_address="127.0.0.1", **quiet)
+                return
+            except Exception as e:
+                ray.shutdown()
+                if attempt == 2:
+                    raise RunFailed(f"the local Ray did not start: {e}") from None
+                print(f"the local Ray did not start ({e}); trying once more", flush=True)
 
 
 def fit(run: RunConfig, run_dir: str, workers: int | tuple[int, int], *,
