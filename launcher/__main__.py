@@ -12,9 +12,19 @@ from pathlib import Path
 
 from launcher.config import REPO, RunConfig, parse_overrides, resolve
 
+
+def extensions_dir() -> str:
+    """DeepSpeed's JIT-built ops, cached once per Python installation: the build records the
+    include paths it was compiled with, so two checkouts (or two paths to one venv) sharing one
+    folder would rebuild it for each other on every start."""
+    import hashlib
+
+    key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return str(Path.home() / ".cache" / "trmgpt" / "torch_extensions" / key)
+
+
 ENV_DEFAULTS = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false",
-                "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/trmgpt/torch_extensions")}
+                "TOKENIZERS_PARALLELISM": "false", "TORCH_EXTENSIONS_DIR": extensions_dir()}
 
 
 def engine_env() -> None:
@@ -115,7 +125,12 @@ def cmd_train_ray(args, extra: list[str]) -> None:
                              gpus_per_node=args.gpus_per_node)
     except ray_train.RunFailed as e:
         raise SystemExit(f"error: the run failed: {e}") from None
-    ray_train.print_next_steps(run_dir, step)
+    if args.address:  # a cluster job: its logs end with what the user does next
+        rid = Path(run_dir).name
+        print(f"run {rid}: step {step}; checkpoints in {ray_train.checkpoint_root(run, run_dir)}"
+              f"; extend or continue with `make resume RUN={rid} ARGS=\"--max-steps N\"`")
+    else:
+        ray_train.print_next_steps(run_dir, step)
 
 
 def run_config_from(preset: str, argv: list[str], world_size: int,
