@@ -45,9 +45,24 @@ def ray_train(run_dir: Path, *args: str, workers: int = 2) -> list[str]:
             "--preset", "tiny", "--run-dir", str(run_dir), *SMALL, *args]
 
 
+def launch(cmd: list[str], cwd: Path = REPO, e: dict | None = None,
+           timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout the whole group goes (the private
+    Ray the launcher started included), not only the launcher."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=e or env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-3000:]}\n"
+                             f"{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run(cmd: list[str], cwd: Path = REPO, **kw) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, env=env(**kw), capture_output=True, text=True,
-                         timeout=600)
+    res = launch(cmd, cwd, env(**kw))
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     return res
 
@@ -125,7 +140,8 @@ def test_sigkilled_worker_restarts_group_and_resumes_to_identical_weights(tmp_pa
 
     t0 = time.time()
     proc = subprocess.Popen(ray_train(faulty, "--max-steps", "8"), cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     driver = psutil.Process(proc.pid)
     killed = None
     deadline = time.time() + 400
@@ -138,7 +154,11 @@ def test_sigkilled_worker_restarts_group_and_resumes_to_identical_weights(tmp_pa
                 killed.send_signal(signal.SIGKILL)
                 break
         time.sleep(0.2)
-    out, _ = proc.communicate(timeout=500)
+    try:
+        out, _ = proc.communicate(timeout=500)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     print(f"uninterrupted: {t_straight:.0f} s; with a SIGKILLed worker: {time.time() - t0:.0f} s")
     assert killed is not None, "the run ended before a worker could be killed:\n" + out[-3000:]
     assert proc.returncode == 0, out[-5000:]
@@ -173,11 +193,9 @@ def test_extending_a_run_with_a_larger_max_steps_continues(tmp_path):
     assert state["step"] == 8 and (run_dir / "checkpoints" / "step_00000008" / "COMPLETE").exists()
     # through Ray, a fresh start into the same folder, or a resume of nothing, is refused before
     # Ray starts
-    res = subprocess.run(ray_train(run_dir, "--max-steps", "8", workers=1), cwd=REPO, env=env(),
-                         capture_output=True, text=True, timeout=120)
+    res = launch(ray_train(run_dir, "--max-steps", "8", workers=1), timeout=120)
     assert res.returncode != 0 and "already holds a run" in res.stderr
-    res = subprocess.run(ray_train(tmp_path / "empty", "--resume", "latest", workers=1),
-                         cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    res = launch(ray_train(tmp_path / "empty", "--resume", "latest", workers=1), timeout=120)
     assert res.returncode != 0 and "holds no complete checkpoint" in res.stderr
 
 
@@ -186,9 +204,8 @@ def test_a_workers_error_ends_as_one_clear_line(tmp_path):
     """A rank that fails for good (here: non-finite losses three steps in a row, retries off)
     ends the command with one readable line and a non-zero exit, after Ray's own reports."""
     e = env(TRMGPT_FAULTS="nan@1,nan@2,nan@3")
-    res = subprocess.run(ray_train(tmp_path / "nan", "--max-steps", "4", "--max-failures", "0",
-                                   workers=1), cwd=REPO, env=e, capture_output=True, text=True,
-                         timeout=600)
+    res = launch(ray_train(tmp_path / "nan", "--max-steps", "4", "--max-failures", "0",
+                           workers=1), e=e)
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the run failed: ") and "non-finite losses" in last, last
