@@ -243,7 +243,11 @@ def fit(run: RunConfig, run_dir: str, workers: int | tuple[int, int], *,
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise RunFailed(root_cause(e)) from None
+        cause = root_cause(e)
+        ray.shutdown()  # stops the streamed worker logs: the error is the last line printed
+        sys.stdout.flush()
+        raise RunFailed(cause) from None
+    ray.shutdown()
     return int((result.metrics or {}).get("step", 0))
 
 

@@ -34,10 +34,10 @@ pytestmark = pytest.mark.slow
 
 def env(**extra: str) -> dict[str, str]:
     e = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-         "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+         "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     for k in ("TRMGPT_FAULTS", "RAY_ADDRESS", "DS_ACCELERATOR"):
         e.pop(k, None)
-    return e
+    return {**e, **extra}
 
 
 def ray_train(run_dir: Path, *args: str, workers: int = 2) -> list[str]:
