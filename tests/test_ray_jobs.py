@@ -77,20 +77,19 @@ class Head:
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # its own process group
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        import urllib.error
-        import urllib.request
-
+    def wait_ready(self, timeout: float = 300) -> None:
+        """Until a client holding the token can list jobs (the HTTP server answers before the
+        job module is up, and a loaded machine takes its time)."""
+        code = ("from ray.job_submission import JobSubmissionClient as C; import sys; "
+                "C(sys.argv[1]).list_jobs()")
         end = time.time() + timeout
         while time.time() < end:
             assert self.proc.poll() is None, (self.tmp / "head.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(self.address + "/api/version", timeout=2)
+            res = subprocess.run([str(BIN / "python"), "-c", code, self.address], env=self.env,
+                                 capture_output=True, text=True, timeout=120)
+            if res.returncode == 0:
                 return
-            except urllib.error.HTTPError:  # it answers (401 without the token): it is up
-                return
-            except OSError:
-                time.sleep(1)
+            time.sleep(2)
         raise TimeoutError((self.tmp / "head.log").read_text()[-3000:])
 
     def stop(self) -> None:
