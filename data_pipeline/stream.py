@@ -303,8 +303,13 @@ class StreamLoader:
             raise ValueError(f"not a stream loader state (path={state.get('path')!r})")
         mine = self.state_dict()
         keys = ("split", "rank", "world_size", "num_workers", "batch_size", "seq_len", "seed",
-                "num_samples", "sources")
+                "sources")
         diff = {k: (state.get(k), mine[k]) for k in keys if state.get(k) != mine[k]}
+        # The sample budget only says where to stop, not what comes next: a run extended with a
+        # larger --max-steps (or cut short) continues the same order. A one-pass stream (None)
+        # and a repeating one do differ in order, so that change is still refused.
+        if (state.get("num_samples") is None) != (mine["num_samples"] is None):
+            diff["num_samples"] = (state.get("num_samples"), mine["num_samples"])
         if diff:
             raise ValueError(
                 "the stream path resumes exactly only on the same topology and settings; "

@@ -263,9 +263,11 @@ def set_rng_state(tensors: dict[str, torch.Tensor], py: list) -> None:
 
 
 def train(run: RunConfig, run_dir: str, resume: str | None = None,
-          stop_at: int | None = None) -> int:
+          stop_at: int | None = None, on_checkpoint=None) -> int:
     """Train until max_steps, or checkpoint and leave at step stop_at (a job segment: the
-    schedule still runs to max_steps on resume). Returns the exit code (0 ok, 3 NaNs)."""
+    schedule still runs to max_steps on resume). Returns the exit code (0 ok, 3 NaNs).
+    on_checkpoint(step, path), if given, is called on every rank once a checkpoint is complete
+    (the Ray layer registers it with ray.train.report)."""
     from data_pipeline import DataSpec, build_loader, load_tokenizer
 
     info: DistInfo = init_distributed()
@@ -430,6 +432,8 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
                 logger.log(step, metrics, force=True)
         if step % t.checkpoint_every == 0 or step == end:
             last_good = save(step)
+            if on_checkpoint is not None:
+                on_checkpoint(step, f"{ckpt.root}/{last_good}")
     barrier()
     print0(f"done: {state['step']} steps, {state['tokens']:,} tokens. run dir: {run_path} | "
            f"metrics: {run_path / 'metrics.jsonl'} | checkpoints: {ckpt.root} | "
