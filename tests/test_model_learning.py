@@ -49,7 +49,7 @@ def test_tiny_learns_on_the_excerpts():
     from launcher.parallelize import build_optimizer, build_scheduler
     from model import RecursiveGPT
 
-    run = resolve("tiny", {"sequence_len": 64, "max_steps": STEPS})
+    run = resolve("tiny", {"sequence_len": 64, "max_steps": STEPS, "device_batch_size": 8})
     t, c = run.train, run.model
     tok = load_tokenizer(REPO / t.tokenizer)
     train, val = token_streams(tok)
