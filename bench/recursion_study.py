@@ -51,7 +51,7 @@ class Result:
 
 def token_bytes(tok) -> torch.Tensor:
     """UTF-8 bytes each token stands for; 0 for special tokens (they are masked out of bpb)."""
-    from launcher.train import token_bytes as tb
+    from launcher.evaluate import token_bytes as tb
 
     return tb(tok)
 

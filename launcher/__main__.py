@@ -65,9 +65,9 @@ def default_run_dir(preset: str) -> str:
 def check_run_dir(run: RunConfig, run_dir: str, resume: str | None) -> None:
     """Refuse, before any rank or Ray starts, a fresh run into a used folder (its pruning would
     delete the earlier run's checkpoints and mix its metrics) and a resume of nothing."""
+    from launcher.checkpoint import earlier_run, run_checkpointer
     from launcher.dist import DistInfo
     from launcher.ray_train import checkpoint_root, complete_tags
-    from launcher.train import earlier_run, run_checkpointer
 
     if resume is None:
         conflict = earlier_run(Path(run_dir), run_checkpointer(run, Path(run_dir),

@@ -22,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import torch
@@ -36,6 +37,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from launcher.dist import DistInfo, any_rank, barrier
 from launcher.safe_load import safe_load, verify_checkpoint_files
+
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "COMPLETE"
@@ -232,3 +236,57 @@ def faults_at(name: str) -> set[int]:
         if item.startswith(name + "@"):
             out.add(int(item.split("@", 1)[1]))
     return out
+
+
+# ------------------------------------------------------------------ the trainer's side of it
+def run_checkpointer(run: RunConfig, run_path: Path, info: DistInfo) -> Checkpointer:
+    """The run's checkpoints (RUN_DIR/checkpoints or checkpoint_dir); a remote root is staged
+    under $TRMGPT_CACHE, in a folder of its own (keyed by the whole URL)."""
+    cache = Path(os.environ.get("TRMGPT_CACHE", Path.home() / ".cache" / "trmgpt"))
+    return Checkpointer(run.train.checkpoint_dir or str(run_path / "checkpoints"), info,
+                        run.train.keep_last, cache)
+
+
+def earlier_run(run_path: Path, ckpt: Checkpointer) -> str | None:
+    """Why a fresh start may not use this run directory, or None. Starting over on top of an
+    earlier run would let its pruning delete that run's checkpoints and mix its metrics rows
+    with ours, so any checkpoint (complete or not) or logged metric refuses it."""
+    held = []
+    if ckpt.tags():
+        held.append(f"checkpoints in {ckpt.root}")
+    metrics = run_path / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size > 0:
+        held.append(f"metrics in {metrics}")
+    if not held:
+        return None
+    return (f"{run_path} already holds a run ({'; '.join(held)}). Continue it with "
+            "--resume latest, or start a new run with another --run-dir.")
+
+
+def load_engine_checkpoint(engine, rp: ResumePoint) -> None:
+    """DeepSpeed's load, refusing to go on when it loaded nothing: the run would carry on from
+    fresh weights with the saved step, data position and EMA."""
+    where = rp.local_dir / rp.tag
+    if not any(where.glob("*model_states.pt")):
+        raise ValueError(f"{where} has no DeepSpeed model states (*model_states.pt): nothing to "
+                         "resume from; check the checkpoint or resume another one")
+    path, _ = engine.load_checkpoint(str(rp.local_dir), tag=rp.tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise ValueError(f"DeepSpeed loaded nothing from {where}: the run would go on from fresh "
+                         "weights; check the checkpoint or resume another one")
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    st = random.getstate()
+    return tensors, [st[0], list(st[1]), st[2]]
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], py: list) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available() and "cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda"])
+    random.setstate((py[0], tuple(py[1]), py[2]))

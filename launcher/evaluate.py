@@ -1,6 +1,7 @@
 """Evaluation: val loss per supervision step, refinement and bits per byte, one step at a time.
 
-The trainer (through the engine) and `launcher eval` (on the consolidated weights) share it: each
+The trainer (`evaluate`, through the engine) and `launcher eval` (`eval_run`, on the consolidated
+weights) share it: each
 supervision step's (B, T, vocab) logits are reduced to four sums as soon as the step is done, on
 the model's device, so memory holds one step's logits, never N_sup of them.
 `launcher sample` lives here too.
@@ -12,6 +13,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from launcher.dist import all_reduce_sum
 
 SUMS = 4  # per step: CE over scored targets, scored targets, CE over byte targets, their bytes
 
@@ -56,6 +59,42 @@ def summarize(totals: torch.Tensor) -> dict:
             "val_bpb": last[2] / (math.log(2) * last[3]) if last[3] else float("nan")}
 
 
+def token_bytes(tok) -> torch.Tensor:
+    """Bytes of text each token id stands for (0 for special tokens), for bits per byte. In a
+    byte-level BPE every character of a token's string is one byte; otherwise decode it."""
+    import json as _json
+
+    hf = tok.tok
+    byte_level = (_json.loads(hf.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
+    special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+    out = torch.zeros(tok.padded_vocab_size, dtype=torch.long)
+    for text, i in hf.get_vocab(with_added_tokens=True).items():
+        if text not in special:
+            out[i] = len(text) if byte_level else len(hf.decode([i]).encode("utf-8"))
+    return out
+
+
+@torch.no_grad()
+def evaluate(engine, loader, n_sup: int, n_batches: int, token_bytes: torch.Tensor) -> dict:
+    """Val loss per supervision step, refinement (L_1 − L_N)/L_1 and bits per byte, summed over
+    ranks (launcher.evaluate). Runs through the engine so ZeRO-3 gathers the weights; each
+    step's logits are reduced inside its engine call."""
+    engine.eval()
+    token_bytes = token_bytes.to(engine.device)
+    totals = torch.zeros(n_sup, SUMS, dtype=torch.float64, device=engine.device)
+    it = iter(loader)
+    for _ in range(n_batches):
+        try:
+            idx, tgt = next(it)
+        except StopIteration:
+            break
+        totals += eval_batch(engine, idx.to(engine.device), tgt.to(engine.device), n_sup,
+                             token_bytes)
+    engine.train()
+    summed = all_reduce_sum(totals.flatten().tolist())
+    return summarize(torch.tensor(summed, dtype=torch.float64).view(n_sup, SUMS))
+
+
 def eval_run(run_dir: str, weights: str = "ema", n_batches: int = 8) -> dict:
     """Val loss per supervision step, refinement (L_1 − L_N)/L_1 and bits per byte, on the
     machine's device (a GPU when there is one)."""
@@ -63,14 +102,13 @@ def eval_run(run_dir: str, weights: str = "ema", n_batches: int = 8) -> dict:
     from launcher.dist import device
     from launcher.export import load_model
     from launcher.parallelize import SupervisionStepModule
-    from launcher.train import token_bytes as bytes_of
 
     dev = device()
     run, model = load_model(run_dir, weights)
     model.to(dev)
     t, m = run.train, run.model
     tok = load_tokenizer(t.tokenizer)
-    token_bytes = bytes_of(tok).to(dev)
+    tbytes = token_bytes(tok).to(dev)
     loader = build_loader(DataSpec.parse(t.data), tok, split="val",
                           batch_size=t.device_batch_size, seq_len=m.sequence_len, rank=0,
                           world_size=1, seed=t.seed, num_workers=0, path=t.data_path)
@@ -80,7 +118,7 @@ def eval_run(run_dir: str, weights: str = "ema", n_batches: int = 8) -> dict:
         for i, (idx, tgt) in enumerate(loader):
             if i == n_batches:
                 break
-            totals += eval_batch(step_fn, idx.to(dev), tgt.to(dev), m.N_sup, token_bytes)
+            totals += eval_batch(step_fn, idx.to(dev), tgt.to(dev), m.N_sup, tbytes)
     metrics = summarize(totals)
     if not metrics:
         raise ValueError(f"the validation split of {t.data!r} yielded no batch")

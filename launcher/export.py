@@ -12,8 +12,8 @@ import torch
 from launcher.checkpoint import Checkpointer, ResumePoint
 from launcher.config import RunConfig
 from launcher.dist import DistInfo
+from launcher.ema_shards import ema_full_from_shards
 from launcher.safe_load import safe_load, verify_checkpoint_files
-from launcher.train import ema_full_from_shards
 from model import RecursiveGPT
 
 PREFIX = "model."  # the engine wraps RecursiveGPT in SupervisionStepModule

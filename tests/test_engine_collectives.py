@@ -71,7 +71,7 @@ def measure(cases: list[tuple[int, str]]) -> dict:
     from launcher.config import resolve
     from launcher.dist import init_distributed
     from launcher.parallelize import parallelize
-    from launcher.train import train_step
+    from launcher.step import train_step
 
     info = init_distributed()
     out = {}

@@ -55,8 +55,8 @@ def run_dir(tmp_path_factory) -> Path:
 def reference(run_dir: Path) -> tuple[list[float], float, int]:
     """Step losses and bits per byte computed by hand, with the whole forward kept."""
     from data_pipeline import DataSpec, build_loader, load_tokenizer
+    from launcher.evaluate import token_bytes
     from launcher.export import load_model
-    from launcher.train import token_bytes
 
     run, model = load_model(run_dir, "ema")
     tok = load_tokenizer(run.train.tokenizer)

@@ -36,7 +36,7 @@ def per_step_against_adamw() -> float:
     every gradient would cancel out of Adam's update)."""
     from launcher.config import resolve
     from launcher.parallelize import build_optimizer, build_scheduler, parallelize
-    from launcher.train import train_step
+    from launcher.step import train_step
     from model import RecursiveGPT
 
     run = resolve("tiny", {**SMALL, "zero_stage": 0, "update_mode": "per_step",
@@ -62,11 +62,11 @@ def per_step_against_adamw() -> float:
 
 
 def evaluation_against_hand() -> dict:
-    """train.evaluate through the engine vs cross entropy by hand, with EOS (0 bytes) and -1
-    targets in the batch."""
+    """launcher.evaluate.evaluate through the engine vs cross entropy by hand, with EOS (0 bytes)
+    and -1 targets in the batch."""
     from launcher.config import resolve
+    from launcher.evaluate import evaluate
     from launcher.parallelize import parallelize
-    from launcher.train import evaluate
 
     run = resolve("tiny", {**SMALL, "zero_stage": 0})
     engine, model, _, _ = parallelize(run, 1)
@@ -99,7 +99,7 @@ def skipped_update(stage: int) -> dict:
     """Two clean batches, a NaN one, a clean one: scheduler position, lr and the weights."""
     from launcher.config import resolve
     from launcher.parallelize import parallelize
-    from launcher.train import train_step
+    from launcher.step import train_step
 
     run = resolve("tiny", {**SMALL, "zero_stage": stage, "warmup_steps": 2,
                            "precision": "fp32"})
@@ -130,8 +130,8 @@ def ema_from_two_ranks(root: str) -> float:
 
     from launcher.checkpoint import ResumePoint
     from launcher.config import resolve
+    from launcher.ema_shards import ema_load, ema_tensors
     from launcher.parallelize import parallelize
-    from launcher.train import ema_load, ema_tensors
     from model import EMA
 
     engine, model, _, _ = parallelize(resolve("tiny", {**SMALL, "zero_stage": 3}), 1)

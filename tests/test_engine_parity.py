@@ -26,7 +26,7 @@ def losses_for_cases(cases: list[tuple[int, str, str]]) -> dict:
     from launcher.config import resolve
     from launcher.dist import init_distributed
     from launcher.parallelize import parallelize
-    from launcher.train import train_step
+    from launcher.step import train_step
 
     info = init_distributed()
     out = {}
