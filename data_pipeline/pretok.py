@@ -455,6 +455,7 @@ class PretokLoader:
                 f"tokens: fewer than one global batch ({world_size} x {batch_size})"
             )
         self.consumed = 0
+        self.rebudgeted: tuple[int, int] | None = None  # (saved, now) sample budget on resume
         self._torch = torch
 
     def _check_tokenizer(self) -> None:
@@ -547,6 +548,23 @@ class PretokLoader:
             raise ValueError(f"not a pretok loader state (path={state.get('path')!r})")
         mine = self._identity()
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        saved_n = state.get("num_samples")
+        # A run extended (or cut short) with another --max-steps changes the sample budget.
+        # Megatron's convention: the order is rebuilt for the new budget and the run goes on at
+        # its consumed-samples offset. Every sample already trained stays trained; what follows
+        # is the new order's. While no source starts another epoch it is exactly the old
+        # order's continuation; past that, megatron reshuffles the epochs it adds, so a few
+        # samples of the old plan may come again or not at all. A one-pass order (None) and a
+        # budgeted one differ in kind: still refused.
+        if (saved_n is not None and self.num_samples is not None
+                and saved_n != self.num_samples):
+            del diff["num_samples"]
+            self.rebudgeted = (saved_n, self.num_samples)
+            if self.rank == 0:
+                print(f"note: the {self.split} sample budget changed {saved_n} -> "
+                      f"{self.num_samples}; the global order is rebuilt for it (megatron) and "
+                      f"continues at sample {state['consumed_samples']}: the same order while "
+                      "no source begins another epoch", flush=True)
         if diff:
             raise ValueError(f"cannot resume: the global sample order differs; "
                              f"(saved, now): {diff}")

@@ -130,6 +130,32 @@ def test_global_order_across_ranks_and_resume_on_other_world_sizes(data, tok):
         build_loader(out, tok, batch_size=3, seq_len=T, seed=8).load_state_dict(state)
 
 
+def test_extending_the_sample_budget_continues(data, tok):
+    """A resumed run with a larger --max-steps (a larger num_samples) goes on where it stopped:
+    within the first epoch, exactly the un-extended order's continuation; past it, megatron's
+    order for the new budget from the same offset. A one-pass order can't become budgeted."""
+    out = str(data["out"])
+    kw = {"batch_size": 2, "seq_len": T, "seed": 3}
+    epoch = len(build_loader(out, tok, **kw).dataset)
+    short = build_loader(out, tok, **kw, num_samples=20)
+    take(short, 4)
+    state = json.loads(json.dumps(short.state_dict()))
+    longer = build_loader(out, tok, **kw, num_samples=40)
+    longer.load_state_dict(state)
+    assert longer.rebudgeted == (20, 40) and longer.consumed == 8
+    whole = _rows(take(build_loader(out, tok, **kw, num_samples=20), 10))
+    assert _rows(take(longer, 6)) == _rows(take(build_loader(out, tok, **kw, num_samples=40),
+                                                10))[8:20]
+    assert _rows(take(build_loader(out, tok, **kw, num_samples=40), 10))[:20] == whole
+    # past the first epoch: the new budget's order from the offset
+    far = build_loader(out, tok, **kw, num_samples=3 * epoch)
+    far.load_state_dict(state)
+    ref = _rows(take(build_loader(out, tok, **kw, num_samples=3 * epoch), 6))
+    assert _rows(take(far, 2)) == ref[8:12]
+    with pytest.raises(ValueError, match="num_samples"):
+        build_loader(out, tok, **kw).load_state_dict(state)
+
+
 @pytest.mark.slow
 def test_resume_in_a_new_process(data, tok):
     kwargs = {"batch_size": 2, "seq_len": T, "seed": 1, "num_workers": 2}
