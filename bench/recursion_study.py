@@ -33,7 +33,12 @@ sys.path.insert(0, str(REPO))
 
 from data_pipeline import build_loader, load_tokenizer  # noqa: E402
 from launcher.config import resolve  # noqa: E402
-from launcher.parallelize import build_optimizer, build_scheduler  # noqa: E402
+from launcher.evaluate import eval_batch, summarize, token_bytes  # noqa: E402
+from launcher.parallelize import (  # noqa: E402
+    SupervisionStepModule,
+    build_optimizer,
+    build_scheduler,
+)
 from model import RecursiveGPT  # noqa: E402
 
 
@@ -49,38 +54,16 @@ class Result:
     final: dict[str, Any] = field(default_factory=dict)
 
 
-def token_bytes(tok) -> torch.Tensor:
-    """UTF-8 bytes each token stands for; 0 for special tokens (they are masked out of bpb)."""
-    from launcher.evaluate import token_bytes as tb
-
-    return tb(tok)
-
-
 @torch.no_grad()
 def evaluate(model: RecursiveGPT, val_batches: list, tbytes: torch.Tensor) -> dict[str, Any]:
-    """Val loss per supervision step over targets that stand for text (zero-byte targets such
-    as EOS are left out of both sums), refinement and bits per byte of the last step."""
+    """The trainer's evaluation (launcher.evaluate) on this model: val loss per supervision step,
+    refinement, and bits per byte of the last step (zero-byte targets such as EOS left out)."""
     model.eval()
-    c = model.config
-    n = c.N_sup_inference
-    sums = [0.0] * n
-    count = nbytes = 0
-    for idx, tgt in val_batches:
-        b = tbytes[tgt]
-        keep = b > 0
-        y = z = None
-        for s in range(n):
-            st = model.supervision_step(idx, y, z, step=s)
-            y, z = st.y, st.z
-            ce = F.cross_entropy(st.logits.flatten(0, 1), tgt.flatten(), reduction="none")
-            sums[s] += ce[keep.flatten()].sum().item()
-        count += int(keep.sum())
-        nbytes += int(b.sum())
+    step_fn = SupervisionStepModule(model)
+    n = model.config.N_sup_inference
+    totals = sum(eval_batch(step_fn, idx, tgt, n, tbytes) for idx, tgt in val_batches)
     model.train()
-    losses = [x / count for x in sums]
-    return {"val_loss": losses[-1], "val_step_losses": losses,
-            "val_refinement": (losses[0] - losses[-1]) / losses[0],
-            "val_bpb": sums[-1] / (math.log(2) * nbytes)}
+    return summarize(totals)
 
 
 @torch.no_grad()
