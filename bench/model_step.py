@@ -1,6 +1,6 @@
 """Model step benchmark on CPU: forward+backward tokens/s and peak activation memory.
 
-    python bench/model_step.py            # everything (~10 minutes on 2 cores)
+    python bench/model_step.py            # everything (~5 minutes on 2 cores)
     python bench/model_step.py --quick    # smaller batches, for a smoke run
 
 Every figure comes from the path the trainer runs: N_sup supervision steps, each backpropagated
@@ -29,26 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, read_status_kb, reset_peak_rss, write_json  # noqa: E402
+
 MIB = 1024 * 1024
 
 
 # ----------------------------------------------------------------------------- child process
-def read_status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def child(spec: dict) -> dict:
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -120,7 +107,10 @@ def main() -> None:
     # One intra-op thread by default: on a 2-core machine that is also running other work, two
     # OpenMP threads wait on each other at every op and run 5-20x slower than one.
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="fresh processes per throughput row (the median is reported)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="write the figures here (for bench/report.py)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -142,11 +132,21 @@ def main() -> None:
     ]
     print(f"{'config':<10} {'batch x seq':>11} {'params':>8} {'s/step':>8} {'tokens/s':>9} "
           f"{'model GFLOP/s':>13} {'peak act. MiB':>13}")
+    out: dict = {"threads": th, "quick": args.quick, "throughput": []}
     for name, spec in rows:
         spec["threads"] = th
-        speed = run(spec, memory=False)
+        # tokens/s: the median of --repeats fresh processes (one may meet a busy neighbour)
+        runs = [run(spec, memory=False) for _ in range(args.repeats)]
+        speed = sorted(runs, key=lambda r: r["seconds_per_step"])[len(runs) // 2]
         mem = run(dict(spec, steps=1), memory=True)
         seq = 256 if spec["preset"] == "tiny" else spec["overrides"]["sequence_len"]
+        out["throughput"].append({"config": name, "batch": spec["batch"], "seq": seq,
+                                  "params_total_m": speed["params_total_m"],
+                                  "s_per_step": speed["seconds_per_step"],
+                                  "tokens_per_s": speed["tokens_per_s"],
+                                  "all_s_per_step": [r["seconds_per_step"] for r in runs],
+                                  "model_gflop_per_s": speed["model_gflops_per_s"],
+                                  "peak_act_mib": mem["peak_delta_mib"]})
         print(f"{name:<10} {spec['batch']:>5} x {seq:<4} {speed['params_total_m']:>7.1f}M "
               f"{speed['seconds_per_step']:>8.2f} {speed['tokens_per_s']:>9.1f} "
               f"{speed['model_gflops_per_s']:>13.1f} {mem['peak_delta_mib']:>13.1f}")
@@ -171,6 +171,9 @@ def main() -> None:
     worst = max(by_nsup, by_t)
     print(f"largest growth across N_sup (any T): {by_nsup:+.1%}; across T (any N_sup): "
           f"{by_t:+.1%}; requirement <= 10%: {'PASS' if worst <= 0.10 else 'FAIL'}")
+    out["memory"] = {"batch": mem_b, "cells": [{"N_sup": n, "T": t, "peak_mib": v}
+                                               for (n, t), v in table.items()],
+                     "growth_n_sup": by_nsup, "growth_t": by_t, "meets_target": worst <= 0.10}
 
     # ---- activation checkpointing, and the one-graph control
     base = dict(preset="tiny", overrides={"N_sup": 4, "T_recursion": 2}, batch=mem_b, steps=1,
@@ -180,17 +183,26 @@ def main() -> None:
     print(f"\nactivation checkpointing (tiny, N_sup 4, T 2, batch {mem_b}): "
           f"off {off['peak_delta_mib']:.1f} MiB, on {on['peak_delta_mib']:.1f} MiB; "
           f"s/step off {off['seconds_per_step']:.2f}, on {on['seconds_per_step']:.2f}")
+    out["checkpointing"] = [{"config": f"tiny, N_sup 4, T 2, batch {mem_b}",
+                             "off_mib": off["peak_delta_mib"], "on_mib": on["peak_delta_mib"],
+                             "off_s": off["seconds_per_step"], "on_s": on["seconds_per_step"]}]
     a_ac = dict(preset="A", overrides={"sequence_len": 128, "N_sup": 2, "vocab_size": 4096},
                 batch=1, steps=1, threads=th)
     off, on = run(a_ac, memory=True), run(dict(a_ac, checkpointing=True), memory=True)
     print(f"activation checkpointing (A's blocks, seq 128, N_sup 2, vocab 4096, batch 1): "
           f"off {off['peak_delta_mib']:.1f} MiB, on {on['peak_delta_mib']:.1f} MiB; "
           f"s/step off {off['seconds_per_step']:.2f}, on {on['seconds_per_step']:.2f}")
+    out["checkpointing"].append({"config": "A's blocks, seq 128, N_sup 2, vocab 4096, batch 1",
+                                 "off_mib": off["peak_delta_mib"], "on_mib": on["peak_delta_mib"],
+                                 "off_s": off["seconds_per_step"], "on_s": on["seconds_per_step"]})
     control = {n: run(dict(base, overrides={"N_sup": n, "T_recursion": 2}, one_graph=True),
                       memory=True)["peak_delta_mib"] for n in (1, 4)}
     print(f"control, one graph (model(idx, targets).loss.backward(), T 2): "
           f"N_sup 1 {control[1]:.1f} MiB, N_sup 4 {control[4]:.1f} MiB "
           f"(per-step path at N_sup 4: {table[4, 2]:.1f} MiB)")
+    out["one_graph_control"] = {"n_sup_1_mib": control[1], "n_sup_4_mib": control[4],
+                                "per_step_n_sup_4_mib": table[4, 2]}
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":
