@@ -68,6 +68,8 @@ def main() -> None:
     p.add_argument("--a-tok-s", type=float, default=0.0,
                    help="tokens/s of preset A's training (overrides --a-mfu)")
     p.add_argument("--json", help="write the figures here (for bench/report.py)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: a few documents, no Ray, no DataLoader workers")
     args = p.parse_args()
     a_derived = not args.a_tok_s
     if a_derived:
@@ -78,6 +80,9 @@ def main() -> None:
     texts = [r["text"] for plan in plan_split(spec, "train")
              for r in iter_plan_records(plan) if not r["skip"]]
     kw = {"batch_size": args.batch_size, "seq_len": args.seq_len, "split": "train"}
+    if args.quick:  # a few hundred batches' worth of loading, the same code
+        texts, args.workers = texts[:2], 0
+        kw["num_samples"] = 64 * args.batch_size
     rows: list[tuple[str, float, str]] = []
 
     best = 0.0
@@ -95,11 +100,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        started = init_ray(args.workers)  # timed apart: a fixed cost, not throughput
+        # timed apart: a fixed cost, not throughput
+        started = init_ray(args.workers) if args.workers else False
         ray_start = time.perf_counter() - t0
         try:
-            for workers, label in ((args.workers, f"Ray Data, {args.workers} CPUs"),
-                                   (0, "in-process")):
+            ways = [(args.workers, f"Ray Data, {args.workers} CPUs")] if args.workers else []
+            for workers, label in [*ways, (0, "in-process")]:
                 out = os.path.join(tmp, f"tok{workers}")
                 m = tokenize_spec(spec, tok, out, workers=workers, progress=False)["totals"]
                 extra = f" (+{ray_start:.1f} s ray.init)" if workers else ""

@@ -160,7 +160,10 @@ def main() -> None:
     prompt = torch.tensor([tok.encode(PROMPT)], dtype=torch.long)
     default_th = c.halt_threshold
     table = halting_table(model, run, tok, args.eval_batches)
-    mid = table["rows"][len(table["rows"]) // 2]["threshold"]  # a threshold that exits early
+    # a threshold that exits early: the one whose steps used are nearest half of N_sup_inference
+    early = [r for r in table["rows"] if r["threshold"] != default_th]
+    mid = min(early, key=lambda r: abs(r["mean_steps"] - c.N_sup_inference / 2),
+              default=None)
     steps_used: dict[str, list[float]] = {}
 
     def gen(m, use_cache: bool, th: float | None = None, name: str = ""):
@@ -175,10 +178,10 @@ def main() -> None:
                 steps_used.setdefault(name, []).append(sum(used) / len(used))
         return call
 
-    variants = {"cache": gen(plain, True), "no cache": gen(plain, False),
-                f"halting, threshold {default_th:g}": gen(model, True, default_th,
-                                                          f"halting, threshold {default_th:g}"),
-                f"halting, threshold {mid:g}": gen(model, True, mid, f"halting, threshold {mid:g}")}
+    variants = {"cache": gen(plain, True), "no cache": gen(plain, False)}
+    for th in [default_th] + ([mid["threshold"]] if mid else []):
+        name = f"halting, threshold {th:g}"
+        variants[name] = gen(model, True, th, name)
     times = interleaved(variants, args.rounds, warmup=1)
     model.config.halt_threshold = default_th
     gen_rows = []

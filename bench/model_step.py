@@ -1,7 +1,7 @@
 """Model step benchmark on CPU: forward+backward tokens/s and peak activation memory.
 
     python bench/model_step.py            # everything (~5 minutes on 2 cores)
-    python bench/model_step.py --quick    # smaller batches, for a smoke run
+    python bench/model_step.py --quick    # tiny alone, a 2 x 2 memory grid: a smoke run
 
 Every figure comes from the path the trainer runs: N_sup supervision steps, each backpropagated
 as soon as it finishes (model.supervision_step + objective.backward()); no optimizer step.
@@ -103,7 +103,7 @@ def spread(values: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller batches (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run (tiny only, fewer cells)")
     # One intra-op thread by default: on a 2-core machine that is also running other work, two
     # OpenMP threads wait on each other at every op and run 5-20x slower than one.
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -124,12 +124,13 @@ def main() -> None:
     print("forward+backward, per-step backward path (supervision_step + objective.backward()),"
           " no optimizer step\n")
 
-    # ---- throughput: tiny, and A with a short sequence
-    tiny_b, a_b = (2, 1) if args.quick else (4, 1)
-    rows = [
-        ("tiny", dict(preset="tiny", overrides={}, batch=tiny_b, steps=2)),
-        ("A, seq 64", dict(preset="A", overrides={"sequence_len": 64}, batch=a_b, steps=1)),
-    ]
+    # ---- throughput: tiny, and A with a short sequence (--quick: tiny alone, a smaller grid)
+    rows = [("tiny", dict(preset="tiny", overrides={}, batch=4, steps=2)),
+            ("A, seq 64", dict(preset="A", overrides={"sequence_len": 64}, batch=1, steps=1))]
+    n_sups, ts = (1, 2, 4, 8), (1, 2, 3)
+    if args.quick:
+        rows = [("tiny", dict(preset="tiny", overrides={}, batch=2, steps=1))]
+        n_sups, ts, args.repeats = (1, 4), (1, 2), 1
     print(f"{'config':<10} {'batch x seq':>11} {'params':>8} {'s/step':>8} {'tokens/s':>9} "
           f"{'model GFLOP/s':>13} {'peak act. MiB':>13}")
     out: dict = {"threads": th, "quick": args.quick, "throughput": []}
@@ -156,18 +157,18 @@ def main() -> None:
     mem_b = 4 if args.quick else 16
     print(f"\npeak memory added by one training step, MiB (tiny, batch {mem_b} x seq 256; "
           "fresh process per cell)")
-    print(f"{'N_sup':>6} " + " ".join(f"{'T=' + str(t):>9}" for t in (1, 2, 3)))
+    print(f"{'N_sup':>6} " + " ".join(f"{'T=' + str(t):>9}" for t in ts))
     table: dict[tuple[int, int], float] = {}
-    for n_sup in (1, 2, 4, 8):
+    for n_sup in n_sups:
         cells = []
-        for t in (1, 2, 3):
+        for t in ts:
             spec = dict(preset="tiny", overrides={"N_sup": n_sup, "T_recursion": t},
                         batch=mem_b, steps=1, threads=th)
             table[n_sup, t] = run(spec, memory=True)["peak_delta_mib"]
             cells.append(f"{table[n_sup, t]:>9.1f}")
         print(f"{n_sup:>6} " + " ".join(cells))
-    by_nsup = max(spread([table[n, t] for n in (1, 2, 4, 8)]) for t in (1, 2, 3))
-    by_t = max(spread([table[n, t] for t in (1, 2, 3)]) for n in (1, 2, 4, 8))
+    by_nsup = max(spread([table[n, t] for n in n_sups]) for t in ts)
+    by_t = max(spread([table[n, t] for t in ts]) for n in n_sups)
     worst = max(by_nsup, by_t)
     print(f"largest growth across N_sup (any T): {by_nsup:+.1%}; across T (any N_sup): "
           f"{by_t:+.1%}; requirement <= 10%: {'PASS' if worst <= 0.10 else 'FAIL'}")
@@ -186,15 +187,18 @@ def main() -> None:
     out["checkpointing"] = [{"config": f"tiny, N_sup 4, T 2, batch {mem_b}",
                              "off_mib": off["peak_delta_mib"], "on_mib": on["peak_delta_mib"],
                              "off_s": off["seconds_per_step"], "on_s": on["seconds_per_step"]}]
-    a_ac = dict(preset="A", overrides={"sequence_len": 128, "N_sup": 2, "vocab_size": 4096},
-                batch=1, steps=1, threads=th)
-    off, on = run(a_ac, memory=True), run(dict(a_ac, checkpointing=True), memory=True)
-    print(f"activation checkpointing (A's blocks, seq 128, N_sup 2, vocab 4096, batch 1): "
-          f"off {off['peak_delta_mib']:.1f} MiB, on {on['peak_delta_mib']:.1f} MiB; "
-          f"s/step off {off['seconds_per_step']:.2f}, on {on['seconds_per_step']:.2f}")
-    out["checkpointing"].append({"config": "A's blocks, seq 128, N_sup 2, vocab 4096, batch 1",
-                                 "off_mib": off["peak_delta_mib"], "on_mib": on["peak_delta_mib"],
-                                 "off_s": off["seconds_per_step"], "on_s": on["seconds_per_step"]})
+    if not args.quick:
+        a_ac = dict(preset="A", overrides={"sequence_len": 128, "N_sup": 2, "vocab_size": 4096},
+                    batch=1, steps=1, threads=th)
+        off, on = run(a_ac, memory=True), run(dict(a_ac, checkpointing=True), memory=True)
+        name = "A's blocks, seq 128, N_sup 2, vocab 4096, batch 1"
+        print(f"activation checkpointing ({name}): off {off['peak_delta_mib']:.1f} MiB, on "
+              f"{on['peak_delta_mib']:.1f} MiB; s/step off {off['seconds_per_step']:.2f}, on "
+              f"{on['seconds_per_step']:.2f}")
+        out["checkpointing"].append({"config": name, "off_mib": off["peak_delta_mib"],
+                                     "on_mib": on["peak_delta_mib"],
+                                     "off_s": off["seconds_per_step"],
+                                     "on_s": on["seconds_per_step"]})
     control = {n: run(dict(base, overrides={"N_sup": n, "T_recursion": 2}, one_graph=True),
                       memory=True)["peak_delta_mib"] for n in (1, 4)}
     print(f"control, one graph (model(idx, targets).loss.backward(), T 2): "
