@@ -101,8 +101,8 @@ def halting_table(model, run, tok, n_batches: int) -> dict:
                 rows.append((loss.item(), torch.sigmoid(st.halt_logits).mean().item()))
             per_batch.append(rows)
     n = c.N_sup_inference
-    step_loss = [median([b[s][0] for b in per_batch]) for s in range(n)]
-    step_p = [median([b[s][1] for b in per_batch]) for s in range(n)]
+    step_loss = [sum(b[s][0] for b in per_batch) / len(per_batch) for s in range(n)]
+    step_p = [sum(b[s][1] for b in per_batch) / len(per_batch) for s in range(n)]
     probs = sorted(p for b in per_batch for _, p in b)
     # thresholds spread over the probabilities the head actually gives, plus the config's own
     quant = [probs[int(q / 10 * (len(probs) - 1))] for q in range(1, 10)]
@@ -166,14 +166,14 @@ def main() -> None:
               default=None)
     steps_used: dict[str, list[float]] = {}
 
-    def gen(m, use_cache: bool, th: float | None = None, name: str = ""):
+    def gen(m, use_cache: bool, th: float | None = None, name: str = "", n: int = 0):
         def call():
             if th is not None:
                 m.config.halt_threshold = th
             g = torch.Generator().manual_seed(0)
-            m.generate(prompt, args.new_tokens, temperature=0.8, top_k=50,
+            m.generate(prompt, n or args.new_tokens, temperature=0.8, top_k=50,
                        use_cache=use_cache, generator=g)
-            if m.halt_head is not None:
+            if m.halt_head is not None and not n:
                 used = m.last_halt_steps
                 steps_used.setdefault(name, []).append(sum(used) / len(used))
         return call
@@ -182,7 +182,10 @@ def main() -> None:
     for th in [default_th] + ([mid["threshold"]] if mid else []):
         name = f"halting, threshold {th:g}"
         variants[name] = gen(model, True, th, name)
-    times = interleaved(variants, args.rounds, warmup=1)
+    gen(plain, True, n=8)()  # warm-up: a few tokens through each path
+    gen(plain, False, n=8)()
+    gen(model, True, default_th, n=8)()
+    times = interleaved(variants, args.rounds, warmup=0)
     model.config.halt_threshold = default_th
     gen_rows = []
     print(f"\ngeneration: prompt {PROMPT!r} ({prompt.size(1)} tokens), {args.new_tokens} new "
@@ -205,8 +208,13 @@ def main() -> None:
     for r in table["rows"]:
         print(f"{r['threshold']:>10.4f} {r['mean_steps']:>11.2f} {r['loss']:>8.4f}")
     write_json(args.json, {"trained": trained, "overrides": overrides, "prompt": PROMPT,
+                           "prompt_tokens": prompt.size(1),
                            "new_tokens": args.new_tokens, "rounds": args.rounds,
                            "N_sup_inference": c.N_sup_inference, "generation": gen_rows,
+                           "apps_per_token": c.applications_per_recursion * c.T_recursion
+                           * c.N_sup_inference,
+                           # one block application on one position: its weight matmuls
+                           "block_matmul_flops": 2 * (c.block_params() - 2 * c.n_embd),
                            "halting": table, "halt_lr": args.halt_lr})
 
 

@@ -23,20 +23,27 @@ from common import REPO, machine, versions  # noqa: E402
 
 
 def extra_args(stem: str, results: dict) -> list[str]:
-    """What one script takes from an earlier one of the same run."""
+    """What one script takes from an earlier one of the same run (and the report's own asks)."""
+    if stem == "overhead":
+        return ["--profile"]  # where the real loop's extra time goes, for the report
     if stem == "data_throughput" and "overhead" in results:
         rows = {r["loop"]: r for r in results["overhead"]["rows"]}
         real = rows.get("ZeRO-0") or next(r for k, r in rows.items() if k != "bare")
         o = results["overhead"]
         tokens = o["batch"][0] * o["batch"][1]
-        return ["--tiny-tok-s", f"{tokens / real['s_per_step']:.1f}"]
+        return ["--tiny-tok-s", f"{tokens / real['s_per_step']:.1f}", "--tiny-source",
+                f"bench/overhead.py of this run: real trainer, {real['loop']}, 1 rank"]
     return []
+
+
+commands: dict[str, str] = {}  # script -> the command line it ran with
 
 
 def run_scripts(scripts: list[str], out: Path, quick: bool) -> tuple[dict, dict, dict]:
     res_dir = out / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     results, wall, failed = {}, {}, {}
+    commands.clear()
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     for script in scripts:
         stem = Path(script).stem
@@ -50,6 +57,7 @@ def run_scripts(scripts: list[str], out: Path, quick: bool) -> tuple[dict, dict,
         with open(log, "w") as f:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         wall[stem] = time.perf_counter() - t0
+        commands[stem] = " ".join(["python", *(f"'{c}'" if " " in c else c for c in cmd[1:])])
         if proc.returncode != 0 or not js.exists():
             tail = log.read_text().strip().splitlines()[-15:]
             failed[stem] = "\n".join(tail)
@@ -186,6 +194,10 @@ def sec_inference(r: dict, out: Path) -> str:
     import matplotlib.pyplot as plt
 
     tr, h = r["trained"], r["halting"]
+    cache = next(g for g in r["generation"] if g["variant"] == "cache")
+    cache_apps = r["apps_per_token"]
+    cache_ms = 1e3 / cache["tokens_per_s"] / cache_apps
+    per_app = r["block_matmul_flops"]
     gen = table(["variant", "tokens/s (median)", "x no cache", "supervision steps per token"],
                 [[g["variant"], f"{g['tokens_per_s']:.1f}", f"{g['speedup_vs_no_cache']:.2f}",
                   f"{g['steps_per_token']:.2f}"] for g in r["generation"]])
@@ -219,10 +231,23 @@ def sec_inference(r: dict, out: Path) -> str:
         "head; with the halting head the cache is off by design (each token may stop after a "
         "different number of steps), so the halting rows recompute the window for every token.\n",
         gen,
+        f"\nWith the cache a new token costs {cache_apps} block applications on one position: "
+        f"at most {cache_ms:.2f} ms each in this run (1 / tokens/s / {cache_apps}) for "
+        f"{per_app / 1e6:.2f} MFLOP of weight matmuls each, i.e. {per_app / cache_ms / 1e6:.1f} "
+        "GFLOP/s: at "
+        "tiny's width a cached token costs the dispatch of a block's small ops, not their "
+        "arithmetic, so the cache's gain over recomputing grows with the window (here from "
+        f"{r['prompt_tokens']} to {r['prompt_tokens'] + r['new_tokens']} tokens) and with "
+        "the model's width.",
         f"\nEarly exit on {h['batches']} held-out batches: loss after each supervision step "
         f"{steps}; mean halting probability per step {probs}. The thresholds span the "
         "probabilities this head gives (rows that would exit exactly where a lower threshold "
-        "does are dropped); the config's own threshold is among them.\n",
+        "does are dropped); the config's own threshold is among them. "
+        + ("Here the loss rises from the first step to the last: this briefly trained model "
+           "does not refine yet, so exiting early loses nothing; a model whose later steps "
+           "refine would trade loss for steps." if h["step_loss"][-1] > h["step_loss"][0] else
+           "Here the loss falls from the first step to the last, so an early exit trades loss "
+           "for steps.") + "\n",
         halt,
         f"\n![halting]({png})",
     ]) + "\n"
@@ -313,8 +338,9 @@ def sec_gpu(r: dict, out: Path) -> str:
                 "is CUDA max allocated.\n")
     else:
         lead = ("**The GPU table is pending a GPU machine**: none was at hand for this run. "
-                "Below is the same script on this CPU, on a tiny stand-in shape of each preset "
-                f"({r['cpu_shape']}), bf16, SDPA {sdpa}: it shows that every configuration "
+                "Below is the same script on this CPU, on a tiny stand-in shape of preset A "
+                f"({r['cpu_shape']}; B's stand-in would run the same code), bf16, SDPA {sdpa}: "
+                "it shows that every configuration "
                 "runs (compile, ZeRO 0-3, checkpointing on/off, the micro-batch search), not "
                 "how fast a GPU is. On CPU there is no peak to compute MFU against, memory is "
                 "the process's peak RSS, and nothing runs out of memory, so the micro-batch "
@@ -387,6 +413,8 @@ def write_report(results: dict, wall: dict, failed: dict, out: Path, argv: list[
         "is measured interleaved in one process, and figures are medians). Each measuring "
         "process runs torch on one intra-op thread.\n",
         "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".\n",
+        *(["Commands, in order:\n", "\n".join(f"- `{c}`" for c in commands.values()) + "\n"]
+          if commands else []),
         "## Targets\n",
         targets(results) + "\n",
     ]
