@@ -345,8 +345,9 @@ def sec_gpu(r: dict, out: Path) -> str:
                 "how fast a GPU is. On CPU there is no peak to compute MFU against, memory is "
                 "the process's peak RSS, and nothing runs out of memory, so the micro-batch "
                 "search stops at its cap. On a GPU machine: `python bench/gpu.py --json "
-                "bench/results/gpu.json` (presets A and B at their real shapes; about 10 "
-                "minutes on one H100; `--presets A` or `--configs base,compile` for less), "
+                "bench/results/gpu.json` (presets A and B at their real shapes, 14 "
+                "configurations, one process each; not yet timed on a GPU: `--presets A` or "
+                "`--configs base,compile` split it to fit a time limit), "
                 "then `python bench/report.py --render-only` to rewrite this report. The "
                 "training path's GPU defaults (compile, fused AdamW, bf16) are to follow "
                 "what that table shows.\n")
