@@ -91,6 +91,12 @@ def savefig(fig, path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- sections
+def per_round(r: dict) -> list[tuple[dict, list[float]]]:
+    bare = next(x for x in r["rows"] if x["loop"] == "bare")["all_s_per_step"]
+    return [(x, [b / t for b, t in zip(bare, x["all_s_per_step"], strict=True)])
+            for x in r["rows"] if x["loop"] != "bare"]
+
+
 def sec_overhead(r: dict, out: Path) -> str:
     rows = [[x["loop"], f"{x['s_per_step']:.3f}", f"{x['steps_per_s']:.3f}",
              f"{x['ratio']:.3f}", f"{x['ratio_per_round']:.3f}",
@@ -113,6 +119,10 @@ def sec_overhead(r: dict, out: Path) -> str:
         f"{r['target']}.\n",
         table(["loop", "s/step", "steps/s", "ratio bare/real", "median per-round ratio",
                f"target >= {r['target']}"], rows),
+        "\nPer-round ratios (each real turn against the bare turn of its round): " + "; ".join(
+            f"{x['loop']} {min(pr):.3f} to {max(pr):.3f}" for x, pr in per_round(r)) + ". A "
+        "ratio above 1 is a real step that ran faster than the bare loop's: at this size the "
+        "engine adds nothing measurable, and the rounds' spread is the machine's noise.",
     ]
     if r.get("profiles"):
         text.append("\nWhere the real loop's extra time goes (cProfile over a few steps of each "
@@ -179,9 +189,9 @@ def sec_cost(r: dict, out: Path) -> str:
         "t = a_g x graded FLOPs + a_n x no-grad FLOPs + b gives "
         f"a_g/a_n = {f['graded_over_nograd']:.2f} (1.00 if a graded pass cost exactly the "
         "count's 3x of a no-grad one; above 1, backward costs more than twice the forward on "
-        f"this CPU) and b = {1e3 * f['b']:.0f} ms per step (the optimizer update and the "
-        "engine's calls, which the FLOP count leaves out; it weighs most at N_sup 1); largest "
-        f"residual of that fit {f['worst_residual']:+.1%}.\n",
+        f"this CPU) and b = {1e3 * f['b']:.0f} ms per step (a fixed cost per training step, "
+        "which the FLOP count leaves out: the optimizer update is one; it weighs most at N_sup "
+        f"1); largest residual of that fit {f['worst_residual']:+.1%}.\n",
         f"![cost model]({png})\n",
         tab,
     ]) + "\n"
@@ -232,9 +242,9 @@ def sec_inference(r: dict, out: Path) -> str:
         "different number of steps), so the halting rows recompute the window for every token.\n",
         gen,
         f"\nWith the cache a new token costs {cache_apps} block applications on one position: "
-        f"at most {cache_ms:.2f} ms each in this run (1 / tokens/s / {cache_apps}) for "
-        f"{per_app / 1e6:.2f} MFLOP of weight matmuls each, i.e. {per_app / cache_ms / 1e6:.1f} "
-        "GFLOP/s: at "
+        f"{cache_ms:.2f} ms each in this run (1 / tokens/s / {cache_apps}, which charges the "
+        f"lm_head and the sampling to them too) for {per_app / 1e6:.2f} MFLOP of weight "
+        f"matmuls each, i.e. {per_app / cache_ms / 1e6:.1f} GFLOP/s: at "
         "tiny's width a cached token costs the dispatch of a block's small ops, not their "
         "arithmetic, so the cache's gain over recomputing grows with the window (here from "
         f"{r['prompt_tokens']} to {r['prompt_tokens'] + r['new_tokens']} tokens) and with "
@@ -254,10 +264,10 @@ def sec_inference(r: dict, out: Path) -> str:
 
 
 def sec_model_step(r: dict, out: Path) -> str:
-    thr = table(["config", "batch x seq", "params", "s/step (median)", "tokens/s",
+    thr = table(["config", "batch x seq", "params", "processes", "s/step (median)", "tokens/s",
                  "model GFLOP/s", "peak activation MiB"],
                 [[x["config"], f"{x['batch']} x {x['seq']}", f"{x['params_total_m']:.1f}M",
-                  f"{x['s_per_step']:.2f}", f"{x['tokens_per_s']:.1f}",
+                  len(x["all_s_per_step"]), f"{x['s_per_step']:.2f}", f"{x['tokens_per_s']:.1f}",
                   f"{x['model_gflop_per_s']:.1f}", f"{x['peak_act_mib']:.1f}"]
                  for x in r["throughput"]])
     m = r["memory"]
@@ -273,9 +283,9 @@ def sec_model_step(r: dict, out: Path) -> str:
     return "\n".join([
         "## Model step on this CPU (forward + backward, no optimizer)\n",
         f"`bench/model_step.py`: the per-step backward path (`supervision_step` + "
-        f"`objective.backward()`), {r['threads']} thread; tokens/s is the median of fresh "
-        "processes; peak memory is what one training step adds to the process's resident set "
-        "(method in the script's docstring).\n",
+        f"`objective.backward()`), {r['threads']} thread; s/step is the median over the "
+        "fresh processes the table counts; peak memory is what one training step adds to the "
+        "process's resident set (method in the script's docstring).\n",
         thr,
         f"\nPeak memory added by one training step, MiB (tiny, batch {m['batch']} x 256): "
         f"growth across N_sup {m['growth_n_sup']:+.1%}, across T {m['growth_t']:+.1%} "
@@ -409,10 +419,13 @@ def write_report(results: dict, wall: dict, failed: dict, out: Path, argv: list[
         "# trmgpt speed report\n",
         origin,
         f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory']} memory, GPU: "
-        f"{mach['gpu'] or 'none'}; load average {load_start:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end (other work shares these cores: every comparison "
-        "is measured interleaved in one process, and figures are medians). Each measuring "
-        "process runs torch on one intra-op thread.\n",
+        f"{mach['gpu'] or 'none'}; "
+        + (f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+           if wall else "load average " + ", ".join(
+               f"{k} {r['machine']['load_average']:.1f}" for k, r in results.items()))
+        + " (other work shares these cores: every comparison is measured interleaved in one "
+        "process, and figures are medians). Each measuring process runs torch on one intra-op "
+        "thread.\n",
         "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".\n",
         *(["Commands, in order:\n", "\n".join(f"- `{c}`" for c in commands.values()) + "\n"]
           if commands else []),
