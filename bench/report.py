@@ -57,7 +57,8 @@ def run_scripts(scripts: list[str], out: Path, quick: bool) -> tuple[dict, dict,
         with open(log, "w") as f:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         wall[stem] = time.perf_counter() - t0
-        commands[stem] = " ".join(["python", *(f"'{c}'" if " " in c else c for c in cmd[1:])])
+        shown = [c.replace(str(REPO) + "/", "") for c in cmd[1:]]  # paths from the repo root
+        commands[stem] = " ".join(["python", *(f"'{c}'" if " " in c else c for c in shown)])
         if proc.returncode != 0 or not js.exists():
             tail = log.read_text().strip().splitlines()[-15:]
             failed[stem] = "\n".join(tail)
