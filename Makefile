@@ -113,9 +113,11 @@ stop: $(STAMP)  ## stop a run's job: RUN=<id>
 study: $(STAMP)  ## does the recursion earn its compute? -> bench/STUDY.md, bench/study.png (about 20 min)
 	$(BIN)/python bench/recursion_study.py --steps 180 --eval-every 60 $(ARGS)
 
-bench: $(STAMP)  ## model step and data throughput benchmarks
-	$(BIN)/python bench/model_step.py
-	$(BIN)/python bench/data_throughput.py
+# bench/report.py runs the scripts in this order (data_throughput takes the tiny trainer's tokens/s
+# from overhead's run) and writes bench/REPORT.md, its PNGs and bench/results/ from this run alone.
+bench: $(STAMP)  ## speed -> bench/REPORT.md: trainer overhead, cost model, inference, model step, data, GPU path (~15 min)
+	$(BIN)/python bench/report.py bench/overhead.py bench/cost_model.py bench/inference.py \
+		bench/model_step.py bench/data_throughput.py bench/gpu.py $(ARGS)
 
 clean:  ## remove runs/ and caches
 	rm -rf runs .pytest_cache

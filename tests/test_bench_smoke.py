@@ -1,0 +1,79 @@
+"""The bench scripts still run: each one on its --quick settings, then the report from their
+JSON. These check that the scripts work and write what bench/report.py reads, never how fast
+anything is (benchmarks are not timed tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+# script -> keys its JSON must hold; the slow ones take more than 20 s on 2 cores
+SCRIPTS = {
+    "overhead": (["rows", "batch", "target"], True),
+    "cost_model": (["rows", "fit", "worst_deviation"], False),
+    "inference": (["generation", "halting"], False),
+    "model_step": (["throughput", "memory", "one_graph_control"], True),
+    "data_throughput": (["rows", "a_tok_s", "a_flops_per_token"], False),
+    "gpu": (["rows", "cuda"], False),
+}
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench") / "results"
+
+
+def run(args: list[str], timeout: float = 170) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if slow else n for n, (_, slow) in SCRIPTS.items()])
+def test_script_runs_quick_and_writes_its_json(name, results_dir):
+    out = results_dir / f"{name}.json"
+    res = run([f"bench/{name}.py", "--quick", "--json", str(out)])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for key in SCRIPTS[name][0] + ["machine", "finished"]:
+        assert key in data, key
+
+
+def test_report_renders_what_the_scripts_wrote(results_dir):
+    present = sorted(p.stem for p in results_dir.glob("*.json"))
+    if not present:
+        pytest.skip("no bench script ran in this session")
+    res = run(["bench/report.py", "--render-only", "--out", str(results_dir.parent)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (results_dir.parent / "REPORT.md").read_text()
+    assert "## Targets" in text
+    if "gpu" in present:
+        assert "pending a GPU machine" in text or "Measured on" in text
+    if "cost_model" in present:
+        assert (results_dir.parent / "cost_model.png").exists()
+
+
+def test_largest_batch_search_finds_the_limit():
+    from gpu import largest_batch
+
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= 37
+
+    assert largest_batch(fits, 4, 1024) == (37, False)
+    assert tried[:4] == [8, 16, 32, 64]           # doubling, then bisection
+    assert len(tried) <= 4 + 5
+    assert largest_batch(lambda b: True, 4, 20) == (20, True)   # nothing failed: the cap
+    assert largest_batch(lambda b: b <= 4, 4, 1024) == (4, False)
