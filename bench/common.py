@@ -42,6 +42,18 @@ def setup(threads: int = 1) -> None:
         torch.set_num_threads(threads)
 
 
+def supervision_backward(model, idx, tgt, n_sup: int):
+    """The bare deep-supervision pass every bench compares against: N_sup supervision steps,
+    each backpropagated as soon as it is done (states detached between them, as the trainer
+    does); no optimizer step. Returns the last step's loss (detached)."""
+    y = z = prev = None
+    for s in range(n_sup):
+        st = model.supervision_step(idx, y, z, tgt, step=s, prev_loss=prev, keep_logits=False)
+        st.objective.backward()
+        y, z, prev = st.y, st.z, st.loss.detach()
+    return prev
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 

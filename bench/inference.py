@@ -30,7 +30,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, median, setup, write_json  # noqa: E402
+from common import (  # noqa: E402
+    interleaved,
+    median,
+    setup,
+    supervision_backward,
+    write_json,
+)
 
 PROMPT = "ROMEO:"
 
@@ -61,15 +67,10 @@ def train_halting_model(steps: int, halt_lr: float, overrides: dict):
     t0 = time.perf_counter()
     losses = []
     for idx, tgt in loader:
-        y = z = prev = None
-        for s in range(c.N_sup):
-            st = model.supervision_step(idx, y, z, tgt, step=s, prev_loss=prev,
-                                        keep_logits=False)
-            st.objective.backward()
-            y, z, prev = st.y, st.z, st.loss.detach()
+        last = supervision_backward(model, idx, tgt, c.N_sup)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(prev.item())
+        losses.append(last.item())
     seconds = time.perf_counter() - t0
     model.eval()
     return run, tok, model, {"steps": len(losses), "seconds": seconds,

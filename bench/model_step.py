@@ -30,7 +30,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, read_status_kb, reset_peak_rss, write_json  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    read_status_kb,
+    reset_peak_rss,
+    supervision_backward,
+    write_json,
+)
 
 MIB = 1024 * 1024
 
@@ -57,12 +63,7 @@ def child(spec: dict) -> dict:
         if spec.get("one_graph"):
             model(idx, tgt).loss.backward()
             return
-        y = z = prev = None
-        for s in range(cfg.N_sup):
-            st = model.supervision_step(idx, y, z, tgt, step=s, prev_loss=prev,
-                                        keep_logits=False)
-            st.objective.backward()
-            y, z, prev = st.y, st.z, st.loss.detach()
+        supervision_backward(model, idx, tgt, cfg.N_sup)
 
     # warm-up: one graded supervision step allocates the .grad buffers (kept: zero, not None)
     model.supervision_step(idx, targets=tgt).objective.backward()

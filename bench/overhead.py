@@ -33,7 +33,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, interleaved, median, setup, write_json  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    interleaved,
+    median,
+    setup,
+    supervision_backward,
+    write_json,
+)
 
 TARGET = 0.95
 
@@ -75,12 +82,7 @@ def build_bare(run, batch):
     n_sup = run.model.N_sup
 
     def step() -> None:
-        y = z = prev = None
-        for s in range(n_sup):
-            st = model.supervision_step(idx, y, z, tgt, step=s, prev_loss=prev,
-                                        keep_logits=False)
-            st.objective.backward()
-            y, z, prev = st.y, st.z, st.loss.detach()
+        supervision_backward(model, idx, tgt, n_sup)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
