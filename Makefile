@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)  ## create .venv and install everything (about a minute)
 
 test: $(STAMP)  ## the whole suite, slow multi-process and Ray tests included
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: $(STAMP)  ## skip the slow multi-process tests while iterating
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -131,7 +131,7 @@ def main() -> None:
     n_sups, ts = (1, 2, 4, 8), (1, 2, 3)
     if args.quick:
         rows = [("tiny", dict(preset="tiny", overrides={}, batch=2, steps=1))]
-        n_sups, ts, args.repeats = (1, 4), (1, 2), 1
+        n_sups, ts, args.repeats = (1, 4), (2,), 1
     print(f"{'config':<10} {'batch x seq':>11} {'params':>8} {'s/step':>8} {'tokens/s':>9} "
           f"{'model GFLOP/s':>13} {'peak act. MiB':>13}")
     out: dict = {"threads": th, "quick": args.quick, "throughput": []}

@@ -37,7 +37,7 @@ def phony_targets() -> list[str]:
 DRY = {  # target -> (variables, what its command line must contain)
     "help": ([], "awk"),
     "setup": ([], ""),
-    "test": ([], "pytest -q tests"),
+    "test": ([], "pytest -q --durations=15 tests"),
     "test-fast": ([], 'pytest -q -m "not slow" tests'),
     "lint": ([], "ruff check ."),
     "format": ([], "ruff format ."),
