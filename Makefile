@@ -43,11 +43,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install everything (about a minute)
 
+# Two pytest workers, a test file each (module fixtures stay shared): the suite alone keeps 2 cores
+# about 70% busy (process start-up, Ray's health checks); two files side by side fill them.
+XDIST := -n 2 --dist loadfile
+
 test: $(STAMP)  ## the whole suite, slow multi-process and Ray tests included
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q $(XDIST) --durations=15 tests
 
 test-fast: $(STAMP)  ## skip the slow multi-process tests while iterating
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" tests
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .

@@ -37,8 +37,8 @@ def phony_targets() -> list[str]:
 DRY = {  # target -> (variables, what its command line must contain)
     "help": ([], "awk"),
     "setup": ([], ""),
-    "test": ([], "pytest -q --durations=15 tests"),
-    "test-fast": ([], 'pytest -q -m "not slow" tests'),
+    "test": ([], "pytest -q -n 2 --dist loadfile --durations=15 tests"),
+    "test-fast": ([], 'pytest -q -n 2 --dist loadfile -m "not slow" tests'),
     "lint": ([], "ruff check ."),
     "format": ([], "ruff format ."),
     "train": (["WORKERS=2"], "python -m launcher train --ray --preset tiny --workers 2"),
