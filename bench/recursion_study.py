@@ -128,8 +128,10 @@ def group_norms(model: RecursiveGPT, before: dict[str, torch.Tensor]) -> dict[st
 
 def run_config(name: str, preset: str, overrides: dict[str, Any], steps: int | None,
                seconds: float | None, eval_every: int, val_batches: list, tbytes: torch.Tensor,
-               threads: int, log=print, diag: bool = False) -> Result:
-    """Train one config for `steps` batches (or until `seconds` of training) and evaluate."""
+               threads: int, log=print, diag: bool = False, across: bool = False) -> Result:
+    """Train one config for `steps` batches (or until `seconds` of training) and evaluate.
+    across: keep the states in the graph between supervision steps and backpropagate the summed
+    objective once (outside SPEC's contract: a study of what the detach costs)."""
     torch.set_num_threads(threads)
     run = resolve(preset, overrides)
     t, mc = run.train, run.model
@@ -153,11 +155,17 @@ def run_config(name: str, preset: str, overrides: dict[str, Any], steps: int | N
         t0 = time.perf_counter()
         idx, tgt = next(it)
         y = z = prev = None
+        total = 0.0
         for s in range(n_sup):
             st = model.supervision_step(idx, y, z, tgt, step=s, prev_loss=prev,
-                                        keep_logits=False)
-            st.objective.backward()
+                                        keep_logits=False, detach=not across)
+            if across:
+                total = total + st.objective
+            else:
+                st.objective.backward()
             y, z, prev = st.y, st.z, st.loss.detach()
+        if across:
+            total.backward()
             if t.update_mode == "per_step" and s < n_sup - 1:  # TRM: an update per step
                 if t.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -241,12 +249,23 @@ def main() -> None:
                     help="print RMS of x/y/z per step, state use, attention entropy, gradient "
                          "norms and update/weight ratios per group at each eval")
     ap.add_argument("--json", default=None, help="append the result as one JSON line here")
+    ap.add_argument("--backprop-across-steps", action="store_true",
+                    help="with --only: keep y, z in the graph between supervision steps and "
+                         "backpropagate once (breaks SPEC's detach; measures what it costs). "
+                         "Needs T_recursion 1: a no-grad recursion cuts the graph anyway")
     a = ap.parse_args()
     val, tbytes = val_set(a.preset, a.val_batches)
     base = parse_sets(a.set)
     if a.only:
+        run = resolve(a.preset, base)
+        if a.backprop_across_steps and run.model.T_recursion != 1:
+            ap.error("--backprop-across-steps needs --set T_recursion=1 (a no-grad recursion "
+                     "at the start of each step cuts the graph between steps anyway)")
+        if a.backprop_across_steps and run.train.update_mode != "accumulate":
+            ap.error("--backprop-across-steps backpropagates once per batch: update_mode must "
+                     "be accumulate")
         res = run_config(a.only, a.preset, base, a.steps, a.seconds, a.eval_every,
-                         val, tbytes, a.threads, diag=a.diagnose)
+                         val, tbytes, a.threads, diag=a.diagnose, across=a.backprop_across_steps)
         print(json.dumps({"name": res.name, "config": res.config, "steps": res.steps,
                           "seconds": round(res.seconds, 1), **res.final}))
         if a.json:

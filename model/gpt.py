@@ -194,12 +194,16 @@ class RecursiveGPT(nn.Module):
                          z: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                          step: int = 0, prev_loss: torch.Tensor | None = None,
                          keep_logits: bool = True, pos: int = 0,
-                         cache: KVCache | None = None) -> StepOutput:
+                         cache: KVCache | None = None, detach: bool = True) -> StepOutput:
         """One supervision step: T-1 recursions without gradients, one with, then the head.
 
         y, z None means the initial state (step 0). With targets, the step's loss and its share
         of the total objective are returned; call objective.backward() before the next step to
         keep peak memory flat. prev_loss is L_{s-1} for the improvement reward.
+        detach=False returns y, z still in the graph, so a later step's loss reaches back into
+        this one (with T_recursion 1; a no-grad recursion cuts the graph anyway). That breaks
+        SPEC section 2 (no gradient crosses supervision steps; memory flat in N_sup): it exists
+        for bench/recursion_study.py's --backprop-across-steps only, the trainer never sets it.
         """
         c = self.config
         if step == 0 or cache is not None:
@@ -220,7 +224,8 @@ class RecursiveGPT(nn.Module):
         if c.logit_softcap > 0:
             logits = c.logit_softcap * torch.tanh(logits / c.logit_softcap)
         halt = at_least_fp32(self.halt_head(y).squeeze(-1)) if self.halt_head is not None else None
-        out = StepOutput(y=y.detach(), z=z.detach(), halt_logits=halt)
+        out = StepOutput(y=y.detach() if detach else y, z=z.detach() if detach else z,
+                         halt_logits=halt)
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
             w = self.weights[step] if step < len(self.weights) else self.weights[-1]

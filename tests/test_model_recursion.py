@@ -161,6 +161,19 @@ def test_steps_backpropagate_independently_with_one_recursion(tiny_config, per_s
     assert len(losses) == 3
 
 
+def test_detach_false_lets_a_later_step_reach_back_with_one_recursion(tiny_config):
+    """The study's --backprop-across-steps (outside the contract): with T_recursion 1 and
+    detach=False, step 2's loss has a gradient with respect to step 1's states."""
+    model = build(tiny_config(T_recursion=1, N_sup=2))
+    idx = torch.randint(0, 64, (2, 16))
+    st0 = model.supervision_step(idx, step=0, detach=False)
+    assert st0.y.requires_grad and st0.z.requires_grad
+    st0.y.retain_grad()
+    st1 = model.supervision_step(idx, st0.y, st0.z, torch.randint(0, 64, (2, 16)), step=1)
+    st1.objective.backward()
+    assert st0.y.grad is not None and st0.y.grad.abs().sum() > 0
+
+
 def test_only_the_last_recursion_is_graded(tiny_config):
     cfg = tiny_config(T_recursion=3, n_loops=2)
     model = build(cfg)
