@@ -133,6 +133,8 @@ def run_config(name: str, preset: str, overrides: dict[str, Any], steps: int | N
     across: keep the states in the graph between supervision steps and backpropagate the summed
     objective once (outside SPEC's contract: a study of what the detach costs)."""
     torch.set_num_threads(threads)
+    if steps is not None and "max_steps" not in overrides:  # schedule and data for the steps run
+        overrides = {**overrides, "max_steps": steps}
     run = resolve(preset, overrides)
     t, mc = run.train, run.model
     if steps is None:  # a time budget: the schedule is laid out for a guess, then cut
