@@ -114,8 +114,9 @@ stop: $(STAMP)  ## stop a run's job: RUN=<id>
 	$(need_run)
 	$(BIN)/python -m launcher stop --run $(RUN)
 
-study: $(STAMP)  ## does the recursion earn its compute? -> bench/STUDY.md, bench/study.png (about 20 min)
-	$(BIN)/python bench/recursion_study.py --steps 180 --eval-every 60 $(ARGS)
+# One process with make train's global batch (2 workers x 4 sequences of 256 tokens).
+study: $(STAMP)  ## does the recursion earn its compute? -> bench/STUDY.md, bench/study.png (about 15 min)
+	$(BIN)/python bench/recursion_study.py --steps 180 --eval-every 60 --set device_batch_size=8 $(ARGS)
 
 # bench/report.py runs the scripts in this order (data_throughput takes the tiny trainer's tokens/s
 # from overhead's run) and writes bench/REPORT.md, its PNGs and bench/results/ from this run alone.
