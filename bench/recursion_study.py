@@ -166,14 +166,14 @@ def run_config(name: str, preset: str, overrides: dict[str, Any], steps: int | N
             else:
                 st.objective.backward()
             y, z, prev = st.y, st.z, st.loss.detach()
-        if across:
-            total.backward()
             if t.update_mode == "per_step" and s < n_sup - 1:  # TRM: an update per step
                 if t.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()
+        if across:
+            total.backward()
         if diag and step % eval_every == 0:
             gnorm = {k: float(torch.cat([p.grad.flatten() for _, p in v if p.grad is not None]
                                         or [torch.zeros(1)]).norm())
