@@ -80,3 +80,32 @@ def test_largest_batch_search_finds_the_limit():
     assert len(tried) <= 4 + 5
     assert largest_batch(lambda b: True, 4, 20) == (20, True)   # nothing failed: the cap
     assert largest_batch(lambda b: b <= 4, 4, 1024) == (4, False)
+
+
+def test_recursion_study_runs_both_update_modes_and_across_steps(monkeypatch):
+    """recursion_study's single runs: per_step makes an optimizer step after every supervision
+    step (N_sup per batch), accumulate one per batch, and --backprop-across-steps trains."""
+    import math
+
+    import recursion_study as rs
+
+    updates: list[int] = []
+    build = rs.build_optimizer
+
+    def counted(model, run):
+        opt = build(model, run)
+        opt.register_step_post_hook(lambda *_: updates.append(1))
+        return opt
+
+    monkeypatch.setattr(rs, "build_optimizer", counted)
+    val, tbytes = rs.val_set("tiny", 1)
+    small = {"device_batch_size": "2"}
+    for mode, per_batch in (("accumulate", 1), ("per_step", 4)):
+        updates.clear()
+        res = rs.run_config(mode, "tiny", {**small, "update_mode": mode}, 2, None, 2, val, tbytes,
+                            threads=1, log=lambda *_: None)
+        assert res.steps == 2 and res.tokens == 2 * 2 * 256
+        assert len(updates) == 2 * per_batch, mode
+    res = rs.run_config("across", "tiny", {**small, "T_recursion": "1"}, 2, None, 2, val, tbytes,
+                        threads=1, log=lambda *_: None, across=True)
+    assert math.isfinite(res.final["val_loss"]) and len(res.final["val_step_losses"]) == 4
