@@ -28,7 +28,7 @@ def setup(threads: int = 1) -> None:
     from the machine, its JIT cache), raised priority where allowed, and torch's intra-op
     threads. One thread by default: on 2 shared cores, two OpenMP threads wait on each other at
     every small op, and the figures would measure the scheduler."""
-    from launcher.__main__ import engine_env
+    from launcher.engine.dist import engine_env
 
     engine_env()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -3,7 +3,8 @@
     python bench/cost_model.py [--rounds 3] [--json FILE] [--quick]
 
 For every configuration of n_loops {1, 2, 4} x T_recursion {1, 2, 3} x N_sup {1, 4, 8} (27), one
-real training step through the DeepSpeed engine (launcher.parallelize + launcher.step.train_step,
+real training step through the DeepSpeed engine (launcher.engine.parallelize +
+launcher.engine.step.train_step,
 fp32, one rank, ZeRO-0: ZeRO-1's own cost is a fixed cost per optimizer update, measured by
 bench/overhead.py, not a cost of the recursion), on one fixed random batch. The figure of merit
 is seconds per training FLOP: step time / (tokens x model.flops_per_token(training=True)). If
@@ -46,9 +47,9 @@ def build(shape: dict, n_loops: int, T: int, n_sup: int):
     """One engine of this configuration; returns a function running one training step."""
     import torch
 
-    from launcher.config import resolve
-    from launcher.parallelize import parallelize
-    from launcher.step import train_step
+    from launcher.engine.config import resolve
+    from launcher.engine.parallelize import parallelize
+    from launcher.engine.step import train_step
 
     run = resolve("tiny", {**shape, "n_loops": n_loops, "T_recursion": T, "N_sup": n_sup,
                            "N_sup_inference": n_sup, "zero_stage": 0, "precision": "fp32",
@@ -79,7 +80,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     setup(args.threads)
-    from launcher.dist import init_distributed
+    from launcher.engine.dist import init_distributed
 
     init_distributed()
     shape = QUICK_SHAPE if args.quick else SHAPE

@@ -9,10 +9,12 @@ never rots; those figures say nothing about a GPU). It needs nothing from the ne
 stream is synthetic (seeded random ids), which costs exactly what real tokens cost.
 
 Per configuration, in a fresh process (so one configuration's memory, compiled graphs or a failed
-allocation never leak into the next): build the engine with launcher.parallelize, one warm-up
+allocation never leak into the next): build the engine with launcher.engine.parallelize, one warm-up
 training step (torch.compile compiles here; its time is reported apart), then --steps timed
-training steps through launcher.step.train_step (the median step). Figures: tokens/s, MFU against
-the device's dense bf16 peak (launcher.metrics.GPU_PEAK: H100 SXM 989 TFLOP/s, A100 312; none on
+training steps through launcher.engine.step.train_step (the median step). Figures: tokens/s, MFU
+against
+the device's dense bf16 peak (launcher.engine.metrics.GPU_PEAK: H100 SXM 989 TFLOP/s, A100 312;
+none on
 CPU), peak memory (CUDA: max allocated; CPU: the process's peak RSS), and for the configurations
 marked `search` the largest micro-batch that fits: doubling from the preset's micro-batch until
 a step runs out of memory, then bisecting (each try is one supervision step with its backward
@@ -86,11 +88,11 @@ def child(spec: dict) -> dict:
     setup(spec["threads"])
     import torch
 
-    from launcher.config import resolve
-    from launcher.dist import init_distributed
-    from launcher.metrics import peak_flops_per_device
-    from launcher.parallelize import parallelize
-    from launcher.step import train_step
+    from launcher.engine.config import resolve
+    from launcher.engine.dist import init_distributed
+    from launcher.engine.metrics import peak_flops_per_device
+    from launcher.engine.parallelize import parallelize
+    from launcher.engine.step import train_step
 
     init_distributed()
     cuda = torch.cuda.is_available()

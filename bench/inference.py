@@ -46,8 +46,8 @@ def train_halting_model(steps: int, halt_lr: float, overrides: dict):
     import torch
 
     from data_pipeline import build_loader, load_tokenizer
-    from launcher.config import resolve
-    from launcher.parallelize import build_optimizer
+    from launcher.engine.config import resolve
+    from launcher.engine.parallelize import build_optimizer
     from model import RecursiveGPT
 
     run = resolve("tiny", {"halting": True, **overrides})

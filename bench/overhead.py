@@ -2,8 +2,10 @@
 
     python bench/overhead.py [--preset tiny] [--rounds 6] [--steps 2] [--json FILE] [--quick]
 
-Real: what `launcher train` runs per step on one rank (gloo, CPU), built by launcher.train's own
-Trainer: the DeepSpeed engine (ZeRO 0 or 1) through launcher.step.train_step, the real data loader
+Real: what `launcher train` runs per step on one rank (gloo, CPU), built by launcher.engine.train's
+own
+Trainer: the DeepSpeed engine (ZeRO 0 or 1) through launcher.engine.step.train_step, the real data
+loader
 (the preset's data spec, streamed and tokenized on the fly), the EMA update, and the metrics row
 (all-reduce of the step losses, metrics.jsonl, wandb offline, the progress line) logged at EVERY
 step (log_every 1: the most logging a run can do). Evaluation and checkpoints are periodic, not
@@ -12,7 +14,7 @@ per step, and are left out.
 Bare: the same model (same config and initial weights), the same batch shape (one batch drawn
 from the same loader, reused), the same supervision schedule (N_sup steps, each
 model.supervision_step + objective.backward() at once), torch AdamW with the launcher's own
-parameter groups (launcher.parallelize.build_optimizer), opt.step(), opt.zero_grad(). Nothing
+parameter groups (launcher.engine.parallelize.build_optimizer), opt.step(), opt.zero_grad(). Nothing
 else: no clipping, no scheduler, no data, no logging, so it is the leanest loop of this model.
 
 All variants live in one process and run interleaved (bare, ZeRO-0, ZeRO-1, bare, ...), `--steps`
@@ -46,11 +48,11 @@ TARGET = 0.95
 
 
 def build_real(preset: str, zero: int, root: Path, overrides: dict):
-    """A Trainer exactly as launcher.train.train() builds it, on a fresh run folder."""
-    from launcher.checkpoint import run_checkpointer
-    from launcher.config import resolve
-    from launcher.dist import init_distributed
-    from launcher.train import Trainer
+    """A Trainer exactly as launcher.engine.train.train() builds it, on a fresh run folder."""
+    from launcher.engine.checkpoint import run_checkpointer
+    from launcher.engine.config import resolve
+    from launcher.engine.dist import init_distributed
+    from launcher.engine.train import Trainer
 
     info = init_distributed()
     run = resolve(preset, {"zero_stage": zero, "log_every": 1, "max_steps": 100000,
@@ -60,7 +62,7 @@ def build_real(preset: str, zero: int, root: Path, overrides: dict):
     trainer.open_run_dir(resumed=False)
     state = {"step": 0}
 
-    def step() -> None:  # launcher.train.train()'s loop body, minus eval and checkpoints
+    def step() -> None:  # launcher.engine.train.train()'s loop body, minus eval and checkpoints
         state["step"] += 1
         ok = trainer.train_one(state["step"])
         trainer.log_progress(state["step"], ok)
@@ -71,7 +73,7 @@ def build_real(preset: str, zero: int, root: Path, overrides: dict):
 def build_bare(run, batch):
     import torch
 
-    from launcher.parallelize import build_optimizer
+    from launcher.engine.parallelize import build_optimizer
     from model import RecursiveGPT
 
     with torch.random.fork_rng(devices=[]):
@@ -138,7 +140,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_REINIT", "create_new")  # one offline wandb run per trainer
     os.environ.setdefault("WANDB_SILENT", "true")
 
-    from launcher.config import parse_overrides
+    from launcher.engine.config import parse_overrides
 
     overrides = parse_overrides(args.set, [])
     if args.quick:

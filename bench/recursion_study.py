@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data_pipeline import build_loader, load_tokenizer  # noqa: E402
-from launcher.config import resolve  # noqa: E402
-from launcher.evaluate import eval_batch, summarize, token_bytes  # noqa: E402
-from launcher.parallelize import (  # noqa: E402
+from launcher.engine.config import resolve  # noqa: E402
+from launcher.engine.evaluate import eval_batch, summarize, token_bytes  # noqa: E402
+from launcher.engine.parallelize import (  # noqa: E402
     SupervisionStepModule,
     build_optimizer,
     build_scheduler,
@@ -55,7 +55,8 @@ class Result:
 
 @torch.no_grad()
 def evaluate(model: RecursiveGPT, val_batches: list, tbytes: torch.Tensor) -> dict[str, Any]:
-    """The trainer's evaluation (launcher.evaluate) on this model: val loss per supervision step,
+    """The trainer's evaluation (launcher.engine.evaluate) on this model: val loss per supervision
+    step,
     refinement, and bits per byte of the last step (zero-byte targets such as EOS left out)."""
     model.eval()
     step_fn = SupervisionStepModule(model)

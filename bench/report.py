@@ -345,7 +345,8 @@ def sec_gpu(r: dict, out: Path) -> str:
     if r["cuda"]:
         lead = (f"Measured on **{r['device']}**, bf16, SDPA {sdpa}, one process per "
                 f"configuration, median of {r['steps']} timed steps after one warm-up step; MFU "
-                "against the device's dense bf16 peak (launcher.metrics.GPU_PEAK); peak memory "
+                "against the device's dense bf16 peak (launcher.engine.metrics.GPU_PEAK); peak "
+                "memory "
                 "is CUDA max allocated.\n")
     else:
         lead = ("**The GPU table is pending a GPU machine**: none was at hand for this run. "

@@ -130,3 +130,14 @@ def char_corpus():
     lookup = {ch: i for i, ch in enumerate(alphabet)}
     ids = torch.tensor([lookup[ch] for ch in ENGLISH_TEXT], dtype=torch.long)
     return ids, 64 * math.ceil(len(alphabet) / 64)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-protocol server (moto) on 127.0.0.1 for a module's tests: `s3.bucket()` makes a
+    bucket and returns its s3:// URL, `s3.fs()` an s3fs filesystem, `s3.env` the environment a
+    subprocess needs to reach it (already set in this process while the fixture lives)."""
+    from s3server import s3_server
+
+    with s3_server() as server:
+        yield server

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from launcher.dist import free_port
+from launcher.engine.dist import free_port
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:

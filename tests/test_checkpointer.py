@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.checkpoint import Checkpointer
-from launcher.dist import DistInfo
+from launcher.engine.checkpoint import Checkpointer
+from launcher.engine.dist import DistInfo
 
 
 def make_tag(root: Path, step: int, complete: bool = True) -> None:

@@ -68,10 +68,10 @@ def measure(cases: list[tuple[int, str]]) -> dict:
     counts = install_counter()  # before DeepSpeed's backend takes its function references
     import torch
 
-    from launcher.config import resolve
-    from launcher.dist import init_distributed
-    from launcher.parallelize import parallelize
-    from launcher.step import train_step
+    from launcher.engine.config import resolve
+    from launcher.engine.dist import init_distributed
+    from launcher.engine.parallelize import parallelize
+    from launcher.engine.step import train_step
 
     info = init_distributed()
     out = {}

@@ -23,7 +23,7 @@ def run_dir(tmp_path_factory) -> Path:
     """A run with one complete checkpoint holding the EMA of a freshly built tiny model; its
     validation split is short speeches, one document each, so EOS is a frequent target."""
     from data_pipeline import load_tokenizer
-    from launcher.config import resolve
+    from launcher.engine.config import resolve
     from model import RecursiveGPT
 
     root = tmp_path_factory.mktemp("eval")
@@ -55,8 +55,8 @@ def run_dir(tmp_path_factory) -> Path:
 def reference(run_dir: Path) -> tuple[list[float], float, int]:
     """Step losses and bits per byte computed by hand, with the whole forward kept."""
     from data_pipeline import DataSpec, build_loader, load_tokenizer
-    from launcher.evaluate import token_bytes
-    from launcher.export import load_model
+    from launcher.engine.evaluate import token_bytes
+    from launcher.engine.export import load_model
 
     run, model = load_model(run_dir, "ema")
     tok = load_tokenizer(run.train.tokenizer)
@@ -101,7 +101,7 @@ class LiveLogits(TorchDispatchMode):
 
 
 def test_bits_per_byte_leaves_out_eos_targets(run_dir):
-    from launcher.evaluate import eval_run
+    from launcher.engine.offline import eval_run
 
     losses, bpb, eos = reference(run_dir)
     assert eos >= 2, "the validation batches should hold EOS targets"
@@ -112,7 +112,7 @@ def test_bits_per_byte_leaves_out_eos_targets(run_dir):
 
 
 def test_eval_holds_one_steps_logits_at_a_time(run_dir):
-    from launcher.evaluate import eval_run
+    from launcher.engine.offline import eval_run
 
     vocab = json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"]
     with LiveLogits(BATCH * SEQ * vocab) as mode:
@@ -123,7 +123,7 @@ def test_eval_holds_one_steps_logits_at_a_time(run_dir):
 
 
 def test_sample_runs_on_the_run_weights(run_dir):
-    from launcher.evaluate import sample
+    from launcher.engine.offline import sample
 
     out = sample(str(run_dir), "ROMEO:", max_new_tokens=4, temperature=0)
     assert out.startswith("ROMEO:")

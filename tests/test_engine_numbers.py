@@ -34,9 +34,9 @@ def per_step_against_adamw() -> float:
     stepped by hand on each supervision step's objective. eps 1 puts AdamW in its linear regime,
     where the size of the gradient shows in the update (with a tiny eps a constant factor on
     every gradient would cancel out of Adam's update)."""
-    from launcher.config import resolve
-    from launcher.parallelize import build_optimizer, build_scheduler, parallelize
-    from launcher.step import train_step
+    from launcher.engine.config import resolve
+    from launcher.engine.parallelize import build_optimizer, build_scheduler, parallelize
+    from launcher.engine.step import train_step
     from model import RecursiveGPT
 
     run = resolve("tiny", {**SMALL, "zero_stage": 0, "update_mode": "per_step",
@@ -62,11 +62,12 @@ def per_step_against_adamw() -> float:
 
 
 def evaluation_against_hand() -> dict:
-    """launcher.evaluate.evaluate through the engine vs cross entropy by hand, with EOS (0 bytes)
+    """launcher.engine.evaluate.evaluate through the engine vs cross entropy by hand, with EOS (0
+    bytes)
     and -1 targets in the batch."""
-    from launcher.config import resolve
-    from launcher.evaluate import evaluate
-    from launcher.parallelize import parallelize
+    from launcher.engine.config import resolve
+    from launcher.engine.evaluate import evaluate
+    from launcher.engine.parallelize import parallelize
 
     run = resolve("tiny", {**SMALL, "zero_stage": 0})
     engine, model, _, _ = parallelize(run, 1)
@@ -97,9 +98,9 @@ def evaluation_against_hand() -> dict:
 
 def skipped_update(stage: int) -> dict:
     """Two clean batches, a NaN one, a clean one: scheduler position, lr and the weights."""
-    from launcher.config import resolve
-    from launcher.parallelize import parallelize
-    from launcher.step import train_step
+    from launcher.engine.config import resolve
+    from launcher.engine.parallelize import parallelize
+    from launcher.engine.step import train_step
 
     run = resolve("tiny", {**SMALL, "zero_stage": stage, "warmup_steps": 2,
                            "precision": "fp32"})
@@ -114,8 +115,8 @@ def skipped_update(stage: int) -> dict:
 
 
 def rng_left_alone() -> bool:
-    from launcher.config import resolve
-    from launcher.parallelize import parallelize
+    from launcher.engine.config import resolve
+    from launcher.engine.parallelize import parallelize
 
     torch.manual_seed(1234 + 1)  # a rank's own seed, as train() sets it
     before = torch.get_rng_state()
@@ -128,10 +129,10 @@ def ema_from_two_ranks(root: str) -> float:
     with a stale WORLD_SIZE=2 in the environment; largest error against the full EMA."""
     import os
 
-    from launcher.checkpoint import ResumePoint
-    from launcher.config import resolve
-    from launcher.ema_shards import ema_load, ema_tensors
-    from launcher.parallelize import parallelize
+    from launcher.engine.checkpoint import ResumePoint
+    from launcher.engine.config import resolve
+    from launcher.engine.ema_shards import ema_load, ema_tensors
+    from launcher.engine.parallelize import parallelize
     from model import EMA
 
     engine, model, _, _ = parallelize(resolve("tiny", {**SMALL, "zero_stage": 3}), 1)
@@ -163,7 +164,7 @@ def ema_from_two_ranks(root: str) -> float:
 
 
 def everything(root: str) -> dict:
-    from launcher.dist import init_distributed
+    from launcher.engine.dist import init_distributed
 
     init_distributed()
     out = {"per_step": per_step_against_adamw(), "eval": evaluation_against_hand(),

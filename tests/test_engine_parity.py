@@ -23,10 +23,10 @@ CASES = [  # (zero stage, update mode, activation checkpointing)
 
 
 def losses_for_cases(cases: list[tuple[int, str, str]]) -> dict:
-    from launcher.config import resolve
-    from launcher.dist import init_distributed
-    from launcher.parallelize import parallelize
-    from launcher.step import train_step
+    from launcher.engine.config import resolve
+    from launcher.engine.dist import init_distributed
+    from launcher.engine.parallelize import parallelize
+    from launcher.engine.step import train_step
 
     info = init_distributed()
     out = {}

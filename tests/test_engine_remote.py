@@ -21,8 +21,8 @@ def story(root: str) -> dict:
     os.environ["WANDB_MODE"] = "disabled"
     import fsspec
 
-    from launcher.config import resolve
-    from launcher.train import train
+    from launcher.engine.config import resolve
+    from launcher.engine.train import train
 
     spec = Path(root) / "spec.yaml"
     spec.write_text(f"name: assets\nsources:\n  - path: {ASSETS}/train/*.txt\n"

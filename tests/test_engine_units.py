@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.checkpoint import Checkpointer
-from launcher.dist import DistInfo, choose_accelerator
-from launcher.evaluate import eval_sums, summarize
-from launcher.metrics import peak_flops_per_device
-from launcher.parallelize import lr_multiplier
+from launcher.engine.checkpoint import Checkpointer
+from launcher.engine.dist import DistInfo, choose_accelerator
+from launcher.engine.evaluate import eval_sums, summarize
+from launcher.engine.metrics import peak_flops_per_device
+from launcher.engine.parallelize import lr_multiplier
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine"])

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import RunConfig, parse_overrides, resolve
-from launcher.describe import memory_estimate
+from launcher.engine.config import RunConfig, parse_overrides, resolve
+from launcher.engine.describe import memory_estimate
 
 REPO = Path(__file__).resolve().parent.parent
 

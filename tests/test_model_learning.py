@@ -45,8 +45,8 @@ def test_tiny_learns_on_the_excerpts():
     import torch
 
     from data_pipeline import load_tokenizer
-    from launcher.config import resolve
-    from launcher.parallelize import build_optimizer, build_scheduler
+    from launcher.engine.config import resolve
+    from launcher.engine.parallelize import build_optimizer, build_scheduler
     from model import RecursiveGPT
 
     run = resolve("tiny", {"sequence_len": 64, "max_steps": STEPS, "device_batch_size": 8})

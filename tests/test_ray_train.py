@@ -74,7 +74,7 @@ def losses(run_dir: Path) -> dict[int, list[float]]:
 
 
 def final_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    from launcher.safe_load import safe_load
+    from launcher.engine.safe_load import safe_load
 
     tag = run_dir / "checkpoints" / f"step_{step:08d}"
     out = {f"module.{k}": v for k, v in safe_load(tag / "mp_rank_00_model_states.pt")

@@ -1,7 +1,8 @@
 """Ray Train: the one launch path, on a laptop and on a cluster.
 
 A `TorchTrainer` starts the worker group (gloo on CPU, NCCL with one GPU per worker), sets
-RANK/WORLD_SIZE/MASTER_ADDR, and each worker calls `launcher.train.train` — the engine does not
+RANK/WORLD_SIZE/MASTER_ADDR, and each worker calls `launcher.engine.train.train` — the engine does
+not
 know it runs under Ray. What Ray adds:
 
 - `FailureConfig(max_failures)`: a lost worker or node restarts the *whole* group; the restarted
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.config import REPO, RunConfig
+from launcher.engine.config import REPO, RunConfig
 
 
 def secret_file() -> Path:
@@ -62,7 +63,7 @@ def complete_tags(root: str) -> list[str]:
     """Complete checkpoints of a run (its COMPLETE markers), without a process group."""
     import fsspec
 
-    from launcher.checkpoint import MARKER, TAG_RE
+    from launcher.engine.checkpoint import MARKER, TAG_RE
 
     fs, path = fsspec.core.url_to_fs(root)
     if not fs.exists(path):
@@ -92,7 +93,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     from ray.train import CheckpointUploadMode
 
-    from launcher.train import train
+    from launcher.engine.train import train
 
     run = RunConfig.from_dict(launch.run)
     root = checkpoint_root(run, launch.run_dir)
@@ -176,7 +177,7 @@ def ray_init(address: str | None, cpus: int | None = None) -> None:
         except Exception as e:
             raise RunFailed(f"cannot join the Ray cluster at {address}: {e}") from None
     else:
-        from launcher.dist import free_port
+        from launcher.engine.dist import free_port
 
         # on a busy machine the node's agents can take longer than Ray's 30 s to register; the
         # raylet then dies and ray.init never returns. Give them two minutes.

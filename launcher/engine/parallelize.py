@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.config import RunConfig
-from launcher.dist import choose_accelerator
-from launcher.evaluate import eval_sums
+from launcher.engine.config import RunConfig
+from launcher.engine.dist import choose_accelerator
+from launcher.engine.evaluate import eval_sums
 from model import RecursiveGPT
 
 
@@ -148,7 +148,7 @@ def parallelize(run: RunConfig, world_size: int, load_universal: bool = False):
     choose_accelerator()  # before deepspeed is imported
     import deepspeed
 
-    from launcher.safe_load import SafeTorchCheckpointEngine
+    from launcher.engine.safe_load import SafeTorchCheckpointEngine
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     # the same initial weights on every rank, from a forked generator: the caller's per-rank

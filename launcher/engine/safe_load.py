@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from launcher.dist import choose_accelerator
+from launcher.engine.dist import choose_accelerator
 
 choose_accelerator()  # before deepspeed's first import: it fixes its accelerator then
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402

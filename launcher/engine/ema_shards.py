@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from launcher.checkpoint import Checkpointer, ResumePoint
-from launcher.dist import world_size
+from launcher.engine.checkpoint import Checkpointer, ResumePoint
+from launcher.engine.dist import world_size
 from model import EMA
 
 

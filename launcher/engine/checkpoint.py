@@ -13,7 +13,8 @@
 A tag without COMPLETE is never chosen, so a crash while saving leaves the previous checkpoint as
 the one to resume. Remote roots are staged in a local folder of their own (keyed by the whole
 URL, so two runs never share one) and uploaded before COMPLETE. Every
-file is loaded with weights_only=True (launcher.safe_load). A resume on a different world size goes
+file is loaded with weights_only=True (launcher.engine.safe_load). A resume on a different world
+size goes
 through DeepSpeed's universal checkpoint (ds_to_universal), converted once per node.
 """
 
@@ -35,11 +36,11 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from launcher.dist import DistInfo, any_rank, barrier
-from launcher.safe_load import safe_load, verify_checkpoint_files
+from launcher.engine.dist import DistInfo, any_rank, barrier
+from launcher.engine.safe_load import safe_load, verify_checkpoint_files
 
 if TYPE_CHECKING:
-    from launcher.config import RunConfig
+    from launcher.engine.config import RunConfig
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "COMPLETE"

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from launcher.checkpoint import Checkpointer, ResumePoint
-from launcher.config import RunConfig
-from launcher.dist import DistInfo
-from launcher.ema_shards import ema_full_from_shards
-from launcher.safe_load import safe_load, verify_checkpoint_files
+from launcher.engine.checkpoint import Checkpointer, ResumePoint
+from launcher.engine.config import RunConfig
+from launcher.engine.dist import DistInfo
+from launcher.engine.ema_shards import ema_full_from_shards
+from launcher.engine.safe_load import safe_load, verify_checkpoint_files
 from model import RecursiveGPT
 
 PREFIX = "model."  # the engine wraps RecursiveGPT in SupervisionStepModule

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from launcher.config import RunConfig
-from launcher.parallelize import micro_steps_per_update, resolve_precision
+from launcher.engine.config import RunConfig
+from launcher.engine.parallelize import micro_steps_per_update, resolve_precision
 
 
 def memory_estimate(run: RunConfig, world: int) -> dict[str, float]:

@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -96,3 +97,25 @@ def any_rank(flag: bool) -> bool:
 def print0(*args, **kwargs) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def extensions_dir() -> str:
+    """DeepSpeed's JIT-built ops, cached once per Python installation: the build records the
+    include paths it was compiled with, so two checkouts (or two paths to one venv) sharing one
+    folder would rebuild it for each other on every start."""
+    import hashlib
+
+    key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return str(Path.home() / ".cache" / "trmgpt" / "torch_extensions" / key)
+
+
+ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", "TORCH_EXTENSIONS_DIR": extensions_dir()}
+
+
+def engine_env() -> None:
+    """Environment of every command that may import deepspeed: DeepSpeed's accelerator from the
+    machine (cuda on a GPU machine, cpu otherwise) unless DS_ACCELERATOR is set, offline hubs."""
+    choose_accelerator()
+    for k, v in ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)

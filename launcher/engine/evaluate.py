@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from launcher.dist import all_reduce_sum
+from launcher.engine.dist import all_reduce_sum
 
 SUMS = 4  # per step: CE over scored targets, scored targets, CE over byte targets, their bytes
 
@@ -77,7 +77,7 @@ def token_bytes(tok) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(engine, loader, n_sup: int, n_batches: int, token_bytes: torch.Tensor) -> dict:
     """Val loss per supervision step, refinement (L_1 − L_N)/L_1 and bits per byte, summed over
-    ranks (launcher.evaluate). Runs through the engine so ZeRO-3 gathers the weights; each
+    ranks (launcher.engine.evaluate). Runs through the engine so ZeRO-3 gathers the weights; each
     step's logits are reduced inside its engine call."""
     engine.eval()
     token_bytes = token_bytes.to(engine.device)
@@ -93,49 +93,3 @@ def evaluate(engine, loader, n_sup: int, n_batches: int, token_bytes: torch.Tens
     engine.train()
     summed = all_reduce_sum(totals.flatten().tolist())
     return summarize(torch.tensor(summed, dtype=torch.float64).view(n_sup, SUMS))
-
-
-def eval_run(run_dir: str, weights: str = "ema", n_batches: int = 8) -> dict:
-    """Val loss per supervision step, refinement (L_1 − L_N)/L_1 and bits per byte, on the
-    machine's device (a GPU when there is one)."""
-    from data_pipeline import DataSpec, build_loader, load_tokenizer
-    from launcher.dist import device
-    from launcher.export import load_model
-    from launcher.parallelize import SupervisionStepModule
-
-    dev = device()
-    run, model = load_model(run_dir, weights)
-    model.to(dev)
-    t, m = run.train, run.model
-    tok = load_tokenizer(t.tokenizer)
-    tbytes = token_bytes(tok).to(dev)
-    loader = build_loader(DataSpec.parse(t.data), tok, split="val",
-                          batch_size=t.device_batch_size, seq_len=m.sequence_len, rank=0,
-                          world_size=1, seed=t.seed, num_workers=0, path=t.data_path)
-    step_fn = SupervisionStepModule(model)
-    totals = torch.zeros(m.N_sup, SUMS, dtype=torch.float64, device=dev)
-    with torch.no_grad():
-        for i, (idx, tgt) in enumerate(loader):
-            if i == n_batches:
-                break
-            totals += eval_batch(step_fn, idx.to(dev), tgt.to(dev), m.N_sup, tbytes)
-    metrics = summarize(totals)
-    if not metrics:
-        raise ValueError(f"the validation split of {t.data!r} yielded no batch")
-    return {"weights": weights, "tokens": int(totals[-1, 1].item()), **metrics}
-
-
-def sample(run_dir: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-           top_k: int | None = 50, weights: str = "ema") -> str:
-    from data_pipeline import load_tokenizer
-    from launcher.dist import device
-    from launcher.export import load_model
-
-    dev = device()
-    run, model = load_model(run_dir, weights)
-    model.to(dev)
-    tok = load_tokenizer(run.train.tokenizer)
-    ids = tok.encode(prompt)
-    idx = torch.tensor([ids[-run.model.sequence_len:]], dtype=torch.long, device=dev)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
-    return tok.decode(out[0].tolist())

@@ -18,7 +18,7 @@ import yaml
 from model import GPTConfig
 from model.config import coerce
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PRESET_DIR = REPO / "configs" / "presets"
 ALIASES = {"depth": "n_layer"}  # nanochat's flag names that differ from ours
 

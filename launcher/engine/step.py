@@ -2,7 +2,7 @@
 
 `train_step` is the recursion's training in plain sight: N_sup supervision steps per micro-batch,
 each backpropagated as soon as it is done, the optimizer stepping at DeepSpeed's accumulation
-boundary. The loop around it (data, logging, eval, checkpoints) is launcher.train's.
+boundary. The loop around it (data, logging, eval, checkpoints) is launcher.engine.train's.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from launcher.dist import any_rank
+from launcher.engine.dist import any_rank
 
 
 def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: int,

@@ -11,7 +11,7 @@ auth: the client reads the cluster's token as Ray does (~/.ray/auth_token, RAY_A
 
 Secrets never ride in the job's runtime_env: Ray returns its env_vars to every client that lists
 jobs and writes them to runtime_env_agent.log. The nodes read the wandb key from a mounted file
-(launcher.ray_train.secret_file); cluster/ mounts it.
+(launcher.jobs.ray_train.secret_file); cluster/ mounts it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.config import REPO
+from launcher.engine.config import REPO
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 RUNS_ROOT = "~/trmgpt-runs"
@@ -95,7 +95,7 @@ def submit(preset: str, nodes: int, extra: list[str], *, gpus_per_node: int = 8,
            cpu: bool = False, runs_root: str = RUNS_ROOT, run_id: str | None = None,
            addr: str | None = None) -> str:
     """Validate here (nothing is sent if the config is refused), then submit. Returns the id."""
-    from launcher.__main__ import run_config_from  # the same resolution `train` does
+    from launcher.jobs.options import run_config_from  # the same resolution `train` does
 
     if nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {nodes}")
@@ -204,7 +204,7 @@ def send(c, run_id: str, submission_id: str, argv: list[str], meta: dict[str, An
 def resume(run_id: str, extra: list[str], addr: str | None = None) -> str:
     """Resubmit the run's command with --resume latest (extra flags, e.g. a larger --max-steps,
     come after the original ones and win)."""
-    from launcher.__main__ import run_config_from
+    from launcher.jobs.options import run_config_from
 
     c = client(addr)
     jobs = runs(c).get(run_id)

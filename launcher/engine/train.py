@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from launcher.checkpoint import (
+from launcher.engine.checkpoint import (
     Checkpointer,
     ResumePoint,
     earlier_run,
@@ -35,13 +35,20 @@ from launcher.checkpoint import (
     run_checkpointer,
     set_rng_state,
 )
-from launcher.config import RunConfig
-from launcher.dist import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, print0
-from launcher.ema_shards import ema_load, ema_record, ema_tensors, swapped_in_ema
-from launcher.evaluate import evaluate, token_bytes
-from launcher.metrics import MetricsLogger, drop_rows_after, memory_gb, peak_flops_per_device
-from launcher.parallelize import parallelize, resolve_precision
-from launcher.step import train_step
+from launcher.engine.config import RunConfig
+from launcher.engine.dist import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    init_distributed,
+    print0,
+)
+from launcher.engine.ema_shards import ema_load, ema_record, ema_tensors, swapped_in_ema
+from launcher.engine.evaluate import evaluate, token_bytes
+from launcher.engine.metrics import MetricsLogger, drop_rows_after, memory_gb, peak_flops_per_device
+from launcher.engine.parallelize import parallelize, resolve_precision
+from launcher.engine.step import train_step
 from model import EMA
 
 

@@ -1,0 +1,265 @@
+"""python -m launcher {train,describe,eval,sample,export,plot,submit,resume,status,logs,stop}"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher.engine.config import REPO, RunConfig
+from launcher.jobs.options import add_config_args, engine_env, run_config
+
+
+def default_run_dir(preset: str) -> str:
+    return f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_run_dir(run: RunConfig, run_dir: str, resume: str | None) -> None:
+    """Refuse, before any rank or Ray starts, a fresh run into a used folder (its pruning would
+    delete the earlier run's checkpoints and mix its metrics) and a resume of nothing."""
+    from launcher.engine.checkpoint import earlier_run, run_checkpointer
+    from launcher.engine.dist import DistInfo
+    from launcher.jobs.ray_train import checkpoint_root, complete_tags
+
+    if resume is None:
+        conflict = earlier_run(Path(run_dir), run_checkpointer(run, Path(run_dir),
+                                                               DistInfo(0, 1, 0)))
+        if conflict:
+            raise ValueError(conflict)
+    elif resume == "latest" and not complete_tags(checkpoint_root(run, run_dir)):
+        raise ValueError(f"--resume latest: {checkpoint_root(run, run_dir)} holds no complete "
+                         "checkpoint")
+
+
+def lr_note(run, run_dir: str) -> str | None:
+    """What the schedule does when a resumed run's horizon changes (extending a run)."""
+    saved = Path(run_dir) / "config.json"
+    if not saved.exists():
+        return None
+    old = json.loads(saved.read_text())["train"]["max_steps"]
+    new = run.train.max_steps
+    if old == new:
+        return None
+    t = run.train
+    return (f"note: max_steps {old} -> {new}. The data continues where it stopped; the lr "
+            f"schedule is recomputed for the new horizon: warm-up ({t.warmup_steps} steps) is "
+            f"unchanged, the {t.warmdown} warm-down now covers the last "
+            f"{t.warmdown_frac:.0%} of {new} steps (from step "
+            f"{new - int(t.warmdown_frac * new)}), so a run that was already decaying goes "
+            "back up to the lr of its new point on the schedule.")
+
+
+def cmd_train_ray(args, extra: list[str]) -> None:
+    """`launcher train --ray`: the TorchTrainer path (local Ray unless --address)."""
+    from launcher.jobs import ray_train
+
+    workers = args.workers
+    if args.min_workers is not None:
+        if not 1 <= args.min_workers <= args.workers:
+            raise ValueError(f"--min-workers must be in [1, --workers={args.workers}]")
+        workers = (args.min_workers, args.workers)
+    hi = args.workers
+    run = run_config(args, extra, hi)
+    run_dir = (os.path.abspath(os.path.expanduser(args.run_dir)) if "://" not in args.run_dir
+               else args.run_dir)
+    storage = os.environ.get("TRMGPT_STORAGE")  # the cluster's shared checkpoint storage
+    if storage and args.address and not run.train.checkpoint_dir:
+        run.train.checkpoint_dir = f"{storage.rstrip('/')}/{Path(run_dir).name}/checkpoints"
+    check_run_dir(run, run_dir, args.resume)
+    if args.resume and (note := lr_note(run, run_dir)):
+        print(note, flush=True)
+    cwd = os.getcwd()
+    os.chdir(REPO)  # where the workers resolve the presets' relative paths
+    try:
+        ray_train.preflight(run)
+    finally:
+        os.chdir(cwd)
+    print(f"launching {run.preset} on Ray: {workers} worker(s), run dir {run_dir}", flush=True)
+    try:
+        step = ray_train.fit(run, run_dir, workers, resume=args.resume,
+                             stop_after=args.stop_after, address=args.address,
+                             max_failures=args.max_failures,
+                             use_gpu=True if args.gpu else None,
+                             gpus_per_node=args.gpus_per_node)
+    except ray_train.RunFailed as e:
+        raise SystemExit(f"error: the run failed: {e}") from None
+    if args.address:  # a cluster job: its logs end with what the user does next
+        rid = Path(run_dir).name
+        print(f"run {rid}: step {step}; checkpoints in {ray_train.checkpoint_root(run, run_dir)}"
+              f"; extend or continue with `make resume RUN={rid} ARGS=\"--max-steps N\"`")
+    else:
+        ray_train.print_next_steps(run_dir, step)
+
+
+def cmd_submit(args, extra: list[str]) -> None:
+    from launcher.jobs import ray_jobs as jobs
+
+    jobs.submit(args.preset, args.nodes, extra, gpus_per_node=args.gpus_per_node, cpu=args.cpu,
+                runs_root=args.runs_root)
+
+
+def cmd_jobs(args, extra: list[str]) -> None:
+    from launcher.jobs import ray_jobs as jobs
+
+    if args.cmd == "status":
+        print(jobs.format_status(jobs.status()))
+    elif args.cmd == "logs":
+        jobs.logs(args.run, args.follow)
+    elif args.cmd == "stop":
+        print(jobs.stop(args.run))
+    elif args.cmd == "resume":
+        print(jobs.resume(args.run, extra))
+
+
+def cmd_train(args, extra: list[str]) -> None:
+    engine_env()
+    in_group = "RANK" in os.environ
+    if args.run_dir is None:
+        args.run_dir = default_run_dir(args.preset)
+    if args.ray and not in_group:
+        return cmd_train_ray(args, extra)
+    if args.resume and not in_group and (note := lr_note(run_config(args, extra, args.workers),
+                                                         args.run_dir)):
+        print(note, flush=True)
+    world = int(os.environ.get("WORLD_SIZE", args.workers))
+    run = run_config(args, extra, world)  # refused here, before any rank starts
+    if not in_group:
+        check_run_dir(run, args.run_dir, args.resume)  # before any rank starts
+    if args.workers > 1 and not in_group:
+        # start the ranks with torch's elastic launcher; each one re-enters here
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.workers}", "-m", "launcher", *sys.argv[1:]]
+        sys.exit(subprocess.call(cmd))
+    from launcher.engine.train import main_train
+
+    main_train(run, args.run_dir, args.resume, args.stop_after)
+
+
+def cmd_describe(args, extra: list[str]) -> None:
+    from launcher.engine.describe import describe
+
+    world = args.workers if args.nodes is None else args.nodes * args.gpus_per_node
+    run = run_config(args, extra, world)
+    print(describe(run, world))
+    if args.nodes is not None:
+        t = run.train
+        gbs = t.global_batch_size or t.device_batch_size * world
+        print(f"`make submit PRESET={run.preset} NODES={args.nodes}` would ask Ray for "
+              f"{args.nodes} node(s) x {args.gpus_per_node} GPUs = {world} Ray Train workers "
+              f"(1 GPU each, NCCL), global batch {gbs}"
+              f" sequences = {t.device_batch_size} per GPU x grad accum {t.grad_accum(world)} x "
+              f"{world}; checkpoints every {t.checkpoint_every} steps; a lost worker restarts the "
+              "group from the latest complete one")
+
+
+def cmd_eval(args, extra: list[str]) -> None:
+    engine_env()
+    from launcher.engine.offline import eval_run
+
+    print(json.dumps(eval_run(args.run_dir, args.weights, args.batches), indent=2))
+
+
+def cmd_sample(args, extra: list[str]) -> None:
+    engine_env()
+    from launcher.engine.offline import sample
+
+    print(sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                 args.weights))
+
+
+def cmd_export(args, extra: list[str]) -> None:
+    engine_env()
+    from launcher.engine.export import export
+
+    print(f"wrote {export(args.run_dir, args.out, args.weights)}")
+
+
+def cmd_plot(args, extra: list[str]) -> None:
+    from launcher.engine.plot import plot
+
+    for p in plot(args.run_dir):
+        print(f"wrote {p}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="launcher", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train a preset (nanochat-style flags accepted)")
+    add_config_args(p)
+    p.add_argument("--run-dir",
+                   help="the run's folder (default runs/<preset>-<date>-<time>); a new run "
+                        "needs one without checkpoints or metrics (an earlier run there is "
+                        "refused, never overwritten)")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue the run in --run-dir from its newest complete checkpoint "
+                        "('latest') or from a checkpoint folder (checkpoints/step_N); stops "
+                        "with an error when there is none")
+    p.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="checkpoint and exit at this step (a job segment); resume goes on")
+    p.add_argument("--ray", action="store_true",
+                   help="run the workers as a Ray Train TorchTrainer (what `make train` does); "
+                   "without it, --workers N starts torchrun")
+    p.add_argument("--address", help="with --ray: the Ray cluster ('auto' inside a job); "
+                   "default: a private local Ray on 127.0.0.1")
+    p.add_argument("--min-workers", type=int, help="with --ray: elastic, between this and "
+                   "--workers (needs pre-tokenized data)")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="with --ray: worker-group restarts before the run fails")
+    p.add_argument("--gpu", action="store_true", help="with --ray: one GPU per worker")
+    p.add_argument("--gpus-per-node", type=int, default=8, help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("describe", help="dry run: config, params, depths, FLOPs, memory")
+    add_config_args(p)
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.set_defaults(fn=cmd_describe)
+    for name, fn in (("eval", cmd_eval), ("sample", cmd_sample), ("export", cmd_export)):
+        p = sub.add_parser(name)
+        p.add_argument("--run-dir", required=True)
+        p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+        p.set_defaults(fn=fn)
+        if name == "eval":
+            p.add_argument("--batches", type=int, default=8)
+        if name == "sample":
+            p.add_argument("--prompt", required=True)
+            p.add_argument("--max-new-tokens", type=int, default=200)
+            p.add_argument("--temperature", type=float, default=0.8)
+            p.add_argument("--top-k", type=int, default=50)
+        if name == "export":
+            p.add_argument("--out", required=True)
+    p = sub.add_parser("plot")
+    p.add_argument("--run-dir", required=True)
+    p.set_defaults(fn=cmd_plot)
+    p = sub.add_parser("submit", help="submit a run to the Ray cluster as a Ray job")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--nodes", type=int, default=1, help="GPU nodes (workers = nodes x GPUs)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--cpu", action="store_true", help="one CPU worker per node (tests)")
+    p.add_argument("--runs-root", default="~/trmgpt-runs", help="run dirs on the nodes")
+    p.set_defaults(fn=cmd_submit)
+    for name in ("resume", "logs", "stop"):
+        p = sub.add_parser(name, help="against a Ray cluster")
+        p.add_argument("--run", required=True, help="the run id `submit` printed")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true")
+        p.set_defaults(fn=cmd_jobs)
+    p = sub.add_parser("status", help="every run on the Ray cluster")
+    p.set_defaults(fn=cmd_jobs)
+    args, extra = ap.parse_known_args(argv)
+    if extra and args.cmd not in ("train", "describe", "submit", "resume"):
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    from launcher.jobs.ray_jobs import JobsError
+
+    try:
+        args.fn(args, extra)
+    except (ValueError, FileNotFoundError, JobsError) as e:
+        # a refused config or input, an unreachable cluster: what and why, no traceback
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
