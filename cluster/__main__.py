@@ -153,10 +153,14 @@ def aws_resources(args, cluster_name: str, region: str) -> AwsResources:
     if not args.ssh_cidr:
         raise ValueError("AWS needs the network SSH is admitted from: SSH_CIDR=a.b.c.d/32 "
                          "(your address; `curl https://checkip.amazonaws.com`)")
+    named = AwsResources("vpc-?", "?", "sg-<dry-run>", f"{cluster_name}-pg",
+                         f"arn:aws:iam::<account>:instance-profile/{cluster_name}-head",
+                         f"arn:aws:iam::<account>:instance-profile/{cluster_name}-worker")
+    # every other input is checked (a render with these names) before anything is created
+    render(args.cloud, args.gpu, args.nodes, args.storage, image=args.image,
+           subnet=args.subnet, aws=named)
     if args.dry_run:
-        return AwsResources("vpc-?", "?", "sg-<dry-run>", f"{cluster_name}-pg",
-                            f"arn:aws:iam::<account>:instance-profile/{cluster_name}-head",
-                            f"arn:aws:iam::<account>:instance-profile/{cluster_name}-worker")
+        return named
     from cluster.aws import ensure
 
     res = ensure(cluster_name, region, args.subnet, args.ssh_cidr, args.storage or "")

@@ -143,7 +143,7 @@ def test_dockerfile_is_the_image_every_path_runs():
     text = (KUBERAY / "Dockerfile").read_text()
     assert "FROM rayproject/ray:2.60.0-py311-cu128" in text
     assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" in text
-    assert 'pip install --no-cache-dir -e ".[gpu]"' in text
+    assert 'pip install --no-cache-dir -e ".[gpu,cloud]"' in text  # the head's autoscaler
     assert "EFA_INSTALLER_VERSION=" in text  # libfabric + aws-ofi-nccl for the AWS nodes
     image = cluster_spec(manifest("raycluster"))["headGroupSpec"]["template"]["spec"][
         "containers"][0]["image"]
