@@ -89,9 +89,9 @@ plot: $(STAMP)  ## loss, per-step losses, refinement -> runs/<id>/plots/*.png: R
 	$(need_run)
 	$(BIN)/python -m launcher plot --run-dir $(RUN_DIR)
 
-cluster-up: $(CLOUD_STAMP)  ## start a GPU cluster: CLOUD=aws|gcp GPU=a100|h100 NODES=n STORAGE=s3://|gs://... IMAGE=<registry>/trmgpt:<tag> [aws: SUBNET=subnet-... SSH_CIDR=a.b.c.d/32] [gcp: GCP_PROJECT=... GCP_SERVICE_ACCOUNT=...]
+cluster-up: $(CLOUD_STAMP)  ## start a GPU cluster: CLOUD=aws|gcp GPU=a100|h100 NODES=n STORAGE=s3://|gs://... IMAGE=<registry>/trmgpt:<tag> [aws: SUBNET=subnet-... SSH_CIDR=a.b.c.d/32 HEAD_SUBNET=subnet-...] [gcp: GCP_PROJECT=... GCP_SERVICE_ACCOUNT=...]
 	$(need_cloud)$(need_nodes)
-	$(BIN)/python -m cluster up --cloud $(CLOUD) --gpu $(GPU) --nodes $(NODES) $(if $(STORAGE),--storage $(STORAGE)) $(if $(IMAGE),--image $(IMAGE)) $(if $(SUBNET),--subnet $(SUBNET)) $(if $(SSH_CIDR),--ssh-cidr $(SSH_CIDR)) $(if $(GCP_PROJECT),--project $(GCP_PROJECT)) $(if $(GCP_SERVICE_ACCOUNT),--service-account $(GCP_SERVICE_ACCOUNT))
+	$(BIN)/python -m cluster up --cloud $(CLOUD) --gpu $(GPU) --nodes $(NODES) $(if $(STORAGE),--storage $(STORAGE)) $(if $(IMAGE),--image $(IMAGE)) $(if $(SUBNET),--subnet $(SUBNET)) $(if $(HEAD_SUBNET),--head-subnet $(HEAD_SUBNET)) $(if $(SSH_CIDR),--ssh-cidr $(SSH_CIDR)) $(if $(GCP_PROJECT),--project $(GCP_PROJECT)) $(if $(GCP_SERVICE_ACCOUNT),--service-account $(GCP_SERVICE_ACCOUNT))
 
 cluster-down: $(CLOUD_STAMP)  ## tear the cluster down: [CLOUD= GPU=]
 	$(need_cloud)

@@ -57,7 +57,7 @@ def _fill(value, table: dict[str, str]):
 def render(cloud: str, gpu: str, nodes: int, storage: str | None, *, image: str | None,
            project: str | None = None, subnet: str | None = None,
            aws: AwsResources | None = None, service_account: str | None = None,
-           gcp_subnet: str = "default") -> dict:
+           gcp_subnet: str = "default", head_subnet: str | None = None) -> dict:
     """The cluster config for `ray up`: the GPU node type pinned to `nodes` workers, every
     placeholder of the YAML filled in (for AWS from the resources cluster/aws.py made)."""
     if nodes < 1:
@@ -83,9 +83,10 @@ def render(cloud: str, gpu: str, nodes: int, storage: str | None, *, image: str 
             raise ValueError("AWS needs a subnet (one availability zone): SUBNET=subnet-...")
         table.update(HEAD_PROFILE=aws.head_profile_arn, WORKER_PROFILE=aws.worker_profile_arn,
                      PLACEMENT_GROUP=aws.placement_group)
-        for t in cfg["available_node_types"].values():
+        for name, t in cfg["available_node_types"].items():
             for nic in t["node_config"]["NetworkInterfaces"]:
-                nic["SubnetId"] = subnet
+                nic["SubnetId"] = (head_subnet or subnet) if name == cfg["head_node_type"] \
+                    else subnet
                 nic["Groups"] = [aws.security_group]
     else:
         if not project:
@@ -158,12 +159,15 @@ def aws_resources(args, cluster_name: str, region: str) -> AwsResources:
                          f"arn:aws:iam::<account>:instance-profile/{cluster_name}-worker")
     # every other input is checked (a render with these names) before anything is created
     render(args.cloud, args.gpu, args.nodes, args.storage, image=args.image,
-           subnet=args.subnet, aws=named)
+           subnet=args.subnet, aws=named, head_subnet=args.head_subnet)
     if args.dry_run:
         return named
     from cluster.aws import ensure
 
-    res = ensure(cluster_name, region, args.subnet, args.ssh_cidr, args.storage or "")
+    res, notes = ensure(cluster_name, region, args.subnet, args.ssh_cidr, args.storage or "",
+                        head_subnet=args.head_subnet)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"aws: subnet {args.subnet} ({res.availability_zone}), security group "
           f"{res.security_group}, placement group {res.placement_group}, worker profile "
           f"{res.worker_profile_arn}", file=sys.stderr)
@@ -180,7 +184,8 @@ def up(args) -> int:
         res = aws_resources(args, raw["cluster_name"], raw["provider"]["region"])
     cfg = render(args.cloud, args.gpu, args.nodes, args.storage, image=args.image,
                  project=args.project, subnet=args.subnet, aws=res,
-                 service_account=args.service_account)
+                 service_account=args.service_account,
+                 head_subnet=getattr(args, "head_subnet", None))
     ray = "ray" if args.dry_run else ray_bin()
     out = rendered_path(args.cloud, args.gpu)
     if not args.dry_run:
@@ -233,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
                            help="the image built from cluster/kuberay/Dockerfile, required")
             p.add_argument("--subnet", default=env("SUBNET") or None,
                            help="AWS: the subnet (= availability zone) of every node")
+            p.add_argument("--head-subnet", default=env("HEAD_SUBNET") or None,
+                           help="AWS: a public subnet of the same VPC for the head (default: "
+                                "SUBNET)")
             p.add_argument("--ssh-cidr", default=env("SSH_CIDR") or None,
                            help="AWS: the only network SSH is admitted from")
             p.add_argument("--project", default=env("GCP_PROJECT") or None)

@@ -142,13 +142,49 @@ def _ensure_role_and_profile(iam, name: str, policy: dict) -> tuple[str, str]:
     return role["Arn"], profile["Arn"]
 
 
+def _default_route(ec2, subnet: dict) -> str:
+    """Where the subnet's 0.0.0.0/0 goes: 'igw-...', 'nat-...', or '' (none)."""
+    tables = ec2.describe_route_tables(Filters=[
+        {"Name": "association.subnet-id", "Values": [subnet["SubnetId"]]}])["RouteTables"]
+    if not tables:  # no explicit association: the VPC's main table
+        tables = ec2.describe_route_tables(Filters=[
+            {"Name": "vpc-id", "Values": [subnet["VpcId"]]},
+            {"Name": "association.main", "Values": ["true"]}])["RouteTables"]
+    for table in tables:
+        for route in table.get("Routes", []):
+            if route.get("DestinationCidrBlock") == "0.0.0.0/0":
+                return route.get("GatewayId") or route.get("NatGatewayId") or ""
+    return ""
+
+
+def network_notes(ec2, head: dict, gpu: dict) -> list[str]:
+    """What the subnets' routes mean for the nodes, in words (empty when all is well)."""
+    notes = []
+    if not _default_route(ec2, head).startswith("igw-"):
+        notes.append(f"HEAD_SUBNET {head['SubnetId']} has no route to an internet gateway: "
+                     "`ray up` and `make dashboard` reach the head on its public address, "
+                     "so use a public subnet for it")
+    if not _default_route(ec2, gpu).startswith("nat-"):
+        notes.append(f"SUBNET {gpu['SubnetId']} has no route through a NAT gateway: the GPU "
+                     "nodes get no public address (EC2 gives none to instances with several "
+                     "network interfaces), so they reach the image registry, the bucket and "
+                     "the Hugging Face hub only through VPC endpoints (S3 gateway; ECR api "
+                     "and dkr) or a NAT gateway")
+    return notes
+
+
 def ensure(cluster_name: str, region: str, subnet: str, ssh_cidr: str, storage: str,
-           placement_group: bool = True) -> AwsResources:
-    """Get or create the security group, placement group and the two instance profiles.
-    `placement_group=False` names the group without creating it (the tests: moto implements
-    no placement-group API)."""
-    if not SUBNET_RE.fullmatch(subnet):
-        raise ValueError(f"SUBNET must be an AWS subnet id subnet-..., got {subnet!r}")
+           placement_group: bool = True, head_subnet: str | None = None,
+           ) -> tuple[AwsResources, list[str]]:
+    """Get or create the security group, placement group and the two instance profiles; also
+    return notes on the subnets' routes. `placement_group=False` names the group without
+    creating it (the tests: moto implements no placement-group API). The GPU nodes share
+    `subnet` (EFA does not cross subnets); the head may sit in a public `head_subnet` of the
+    same VPC (the usual layout: GPU nodes private behind NAT, the head reachable by SSH)."""
+    head_subnet = head_subnet or subnet
+    for name, value in (("SUBNET", subnet), ("HEAD_SUBNET", head_subnet)):
+        if not SUBNET_RE.fullmatch(value):
+            raise ValueError(f"{name} must be an AWS subnet id subnet-..., got {value!r}")
     if not CIDR_RE.fullmatch(ssh_cidr) or ssh_cidr.endswith("/0"):
         raise ValueError(f"SSH_CIDR must be your network as a.b.c.d/n (not /0), got "
                          f"{ssh_cidr!r}")
@@ -156,10 +192,16 @@ def ensure(cluster_name: str, region: str, subnet: str, ssh_cidr: str, storage: 
     session = _session(region)
     ec2 = session.client("ec2")
     iam = session.client("iam")
-    try:
-        (sub,) = ec2.describe_subnets(SubnetIds=[subnet])["Subnets"]
-    except ec2.exceptions.ClientError as e:
-        raise ValueError(f"subnet {subnet} not found in {region}: {e}") from None
+    subnets = {}
+    for value in {subnet, head_subnet}:
+        try:
+            (subnets[value],) = ec2.describe_subnets(SubnetIds=[value])["Subnets"]
+        except ec2.exceptions.ClientError as e:
+            raise ValueError(f"subnet {value} not found in {region}: {e}") from None
+    sub, head = subnets[subnet], subnets[head_subnet]
+    if head["VpcId"] != sub["VpcId"]:
+        raise ValueError(f"HEAD_SUBNET {head_subnet} and SUBNET {subnet} are in different "
+                         "VPCs; the nodes must share one (and one security group)")
     sg = _ensure_security_group(ec2, f"{cluster_name}-nodes", sub["VpcId"], ssh_cidr)
     pg = f"{cluster_name}-pg"
     if placement_group:
@@ -168,5 +210,6 @@ def ensure(cluster_name: str, region: str, subnet: str, ssh_cidr: str, storage: 
         iam, f"{cluster_name}-worker", bucket_policy(storage))
     _, head_profile = _ensure_role_and_profile(
         iam, f"{cluster_name}-head", head_policy(storage, worker_role))
-    return AwsResources(sub["VpcId"], sub["AvailabilityZone"], sg, pg, head_profile,
-                        worker_profile)
+    res = AwsResources(sub["VpcId"], sub["AvailabilityZone"], sg, pg, head_profile,
+                       worker_profile)
+    return res, network_notes(ec2, head, sub)

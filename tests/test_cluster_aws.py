@@ -1,8 +1,9 @@
 """Ray's own AWS bootstrap (ray.autoscaler._private.aws.config.bootstrap_aws, what `ray up` runs
 before it launches anything) passes on both rendered AWS YAMLs, against moto's EC2/IAM server on
 127.0.0.1 (tests/s3server.py starts it; one server answers every AWS service). The test first
-makes what a user has, a VPC and a subnet, then runs cluster/aws.py (security group, instance
-profiles), renders, bootstraps, and launches the GPU and head nodes through Ray's AWS node
+makes what a user has (a VPC; a public subnet with an internet gateway for the head, a private
+one behind a NAT gateway for the GPU nodes, one AZ), then runs cluster/aws.py (security group,
+instance profiles), renders, bootstraps, and launches the GPU and head nodes through Ray's AWS node
 provider (RunInstances with all the EFA interfaces), as the head's autoscaler would.
 
 Not verified here: moto 5.2.5 implements no placement-group API (create_placement_group is
@@ -44,24 +45,39 @@ def aws(tmp_path_factory):
                    aws_config._get_subnets_or_die):
             fn.cache_clear()
         ec2 = boto3.client("ec2", region_name="us-east-1")
+        # the usual layout: a public subnet (internet gateway) for the head, a private one
+        # behind a NAT gateway for the GPU nodes, one AZ
         vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
-        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.20.0.0/20",
-                                   AvailabilityZone="us-east-1b")["Subnet"]["SubnetId"]
-        # a second AZ the nodes must NOT spread into
-        ec2.create_subnet(VpcId=vpc, CidrBlock="10.20.16.0/20", AvailabilityZone="us-east-1c")
+
+        def subnet_in(cidr: str, az: str = "us-east-1b") -> str:
+            return ec2.create_subnet(VpcId=vpc, CidrBlock=cidr, AvailabilityZone=az)[
+                "Subnet"]["SubnetId"]
+
+        public, private = subnet_in("10.20.0.0/24"), subnet_in("10.20.16.0/20")
+        subnet_in("10.20.32.0/20", "us-east-1c")  # another AZ the nodes must NOT spread into
+        igw = ec2.create_internet_gateway()["InternetGateway"]["InternetGatewayId"]
+        ec2.attach_internet_gateway(InternetGatewayId=igw, VpcId=vpc)
+        nat = ec2.create_nat_gateway(SubnetId=public, AllocationId=ec2.allocate_address(
+            Domain="vpc")["AllocationId"])["NatGateway"]["NatGatewayId"]
+        for sub, route in ((public, {"GatewayId": igw}), (private, {"NatGatewayId": nat})):
+            table = ec2.create_route_table(VpcId=vpc)["RouteTable"]["RouteTableId"]
+            ec2.create_route(RouteTableId=table, DestinationCidrBlock="0.0.0.0/0", **route)
+            ec2.associate_route_table(RouteTableId=table, SubnetId=sub)
         yield {"server": server, "ec2": ec2, "iam": boto3.client("iam", region_name="us-east-1"),
-               "vpc": vpc, "subnet": subnet}
+               "vpc": vpc, "subnet": private, "head_subnet": public}
         for fn in (aws_utils.resource_cache, aws_utils.client_cache,
                    aws_config._get_subnets_or_die):
             fn.cache_clear()
     mp.undo()
 
 
-def ensure(aws, gpu: str):
+def ensure(aws, gpu: str, head_subnet: str | None = "public"):
     from cluster.aws import ensure
 
-    return ensure(f"trmgpt-aws-{gpu}", "us-east-1", aws["subnet"], CIDR, STORAGE,
-                  placement_group=False)
+    res, notes = ensure(f"trmgpt-aws-{gpu}", "us-east-1", aws["subnet"], CIDR, STORAGE,
+                        placement_group=False,
+                        head_subnet=aws["head_subnet"] if head_subnet else None)
+    return res, notes
 
 
 def rendered(aws, gpu: str, nodes: int = 2) -> dict:
@@ -69,7 +85,7 @@ def rendered(aws, gpu: str, nodes: int = 2) -> dict:
     from ray.autoscaler._private.util import validate_config
 
     cfg = render("aws", gpu, nodes, STORAGE, image=IMAGE, subnet=aws["subnet"],
-                 aws=ensure(aws, gpu))
+                 aws=ensure(aws, gpu)[0], head_subnet=aws["head_subnet"])
     cfg = prepare_config(cfg)
     validate_config(cfg)
     return cfg
@@ -81,16 +97,19 @@ def test_rays_aws_bootstrap_passes_and_nodes_launch(aws, gpu, itype, cards):
     from ray.autoscaler._private.aws.config import bootstrap_aws
     from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
 
-    res = ensure(aws, gpu)
+    res, notes = ensure(aws, gpu)
     assert res.vpc_id == aws["vpc"] and res.availability_zone == "us-east-1b"
-    assert ensure(aws, gpu) == res  # a second cluster-up finds the same resources
+    assert notes == []  # public head subnet, GPU subnet behind NAT
+    assert ensure(aws, gpu) == (res, [])  # a second cluster-up finds the same resources
 
     out = bootstrap_aws(rendered(aws, gpu))
     gpu_type = f"gpu_{gpu}"
     head = out["available_node_types"]["head"]["node_config"]
     worker = out["available_node_types"][gpu_type]["node_config"]
-    # one subnet (= one AZ) and our group for every interface of every node
-    assert set(head["SubnetIds"]) == set(worker["SubnetIds"]) == {aws["subnet"]}
+    # one subnet (= one AZ) for every interface of every GPU node, the head in the public one;
+    # our group everywhere
+    assert set(worker["SubnetIds"]) == {aws["subnet"]}
+    assert head["SubnetIds"] == [aws["head_subnet"]]
     assert set(worker["SecurityGroupIds"]) == set(head["SecurityGroupIds"]) == {
         res.security_group}
     # every network card carries one EFA interface, in AWS's card/device layout
@@ -130,13 +149,27 @@ def test_rays_aws_bootstrap_passes_and_nodes_launch(aws, gpu, itype, cards):
     assert set(by_type) == {itype, "m6i.2xlarge"}
     for i in launched:
         assert i["Placement"]["AvailabilityZone"] == "us-east-1b"
-        assert i["SubnetId"] == aws["subnet"]
+    assert by_type[itype]["SubnetId"] == aws["subnet"]
+    assert by_type["m6i.2xlarge"]["SubnetId"] == aws["head_subnet"]
     assert by_type[itype]["IamInstanceProfile"]["Arn"] == res.worker_profile_arn
     assert by_type["m6i.2xlarge"]["IamInstanceProfile"]["Arn"] == res.head_profile_arn
 
 
+def test_route_notes_say_what_a_single_public_subnet_means(aws):
+    """One public subnet for everything: the GPU nodes (no public address) would have no way
+    out; cluster-up says so."""
+    from cluster.aws import ensure as ensure_
+
+    _, notes = ensure_("trmgpt-aws-h100", "us-east-1", aws["head_subnet"], CIDR, STORAGE,
+                       placement_group=False)
+    assert len(notes) == 1 and "no route through a NAT gateway" in notes[0]
+    _, notes = ensure_("trmgpt-aws-h100", "us-east-1", aws["subnet"], CIDR, STORAGE,
+                       placement_group=False)
+    assert len(notes) == 1 and "no route to an internet gateway" in notes[0]
+
+
 def test_instance_profiles_grant_the_bucket_and_pass_role(aws):
-    res = ensure(aws, "h100")
+    res, _ = ensure(aws, "h100")
     iam = aws["iam"]
     worker = json.loads(json.dumps(iam.get_role_policy(
         RoleName="trmgpt-aws-h100-worker", PolicyName="trmgpt-aws-h100-worker")[
@@ -186,3 +219,9 @@ def test_ensure_refuses_bad_input(aws):
     ]:
         with pytest.raises(ValueError, match=message):
             ensure("trmgpt-aws-h100", "us-east-1", *args, placement_group=False)
+    other = aws["ec2"].create_vpc(CidrBlock="10.30.0.0/16")["Vpc"]["VpcId"]
+    elsewhere = aws["ec2"].create_subnet(VpcId=other, CidrBlock="10.30.0.0/24")["Subnet"][
+        "SubnetId"]
+    with pytest.raises(ValueError, match="different VPCs"):
+        ensure("trmgpt-aws-h100", "us-east-1", aws["subnet"], CIDR, STORAGE,
+               placement_group=False, head_subnet=elsewhere)
