@@ -186,7 +186,7 @@ def up(args) -> int:
                  project=args.project, subnet=args.subnet, aws=res,
                  service_account=args.service_account,
                  head_subnet=getattr(args, "head_subnet", None))
-    ray = "ray" if args.dry_run else ray_bin()
+    ray = ray_bin()
     out = rendered_path(args.cloud, args.gpu)
     if not args.dry_run:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,13 +210,13 @@ def existing(cloud: str, gpu: str) -> Path:
 
 def down(args) -> int:
     out = rendered_path(args.cloud, args.gpu) if args.dry_run else existing(args.cloud, args.gpu)
-    return run(["ray" if args.dry_run else ray_bin(), "down", "-y", str(out)], args.dry_run)
+    return run([ray_bin(), "down", "-y", str(out)], args.dry_run)
 
 
 def dashboard(args) -> int:
     out = rendered_path(args.cloud, args.gpu) if args.dry_run else existing(args.cloud, args.gpu)
     print("dashboard and job API on http://127.0.0.1:8265 while this runs (Ctrl-C closes it)")
-    return run(["ray" if args.dry_run else ray_bin(), "dashboard", "-p", "8265", str(out)],
+    return run([ray_bin(), "dashboard", "-p", "8265", str(out)],
                args.dry_run)
 
 

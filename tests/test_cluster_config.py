@@ -123,7 +123,9 @@ def test_cluster_up_dry_run_prints_ray_up(tmp_path):
     res = cluster_cli("up", "--cloud", "aws", "--gpu", "a100", "--nodes", "1", "--dry-run",
                       *AWS_OK, home=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "+ ray up -y" in res.stdout and "--max-workers 1" in res.stdout
+    # the project's own ray, not the one on PATH
+    assert f"+ {Path(sys.executable).with_name('ray')} up -y" in res.stdout
+    assert "--max-workers 1" in res.stdout
     assert not (tmp_path / ".trmgpt").exists()  # a dry run writes nothing
 
 
@@ -158,4 +160,4 @@ def test_cluster_cli_refuses_bad_input(tmp_path, args, message):
     res = cluster_cli(*args, home=tmp_path)
     assert res.returncode != 0
     assert message in res.stderr and "Traceback" not in res.stderr
-    assert "+ ray" not in res.stdout  # nothing was run
+    assert "ray up" not in res.stdout  # nothing was run
