@@ -43,6 +43,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install everything (about a minute)
 
+# The cluster targets need the cloud SDKs Ray's AWS/GCP node providers import (the `cloud` extra).
+CLOUD_STAMP := $(VENV)/.installed-cloud
+$(CLOUD_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev,cloud]'
+	touch $(CLOUD_STAMP)
+
 # Two pytest workers, a test file each (module fixtures stay shared): the suite alone keeps 2 cores
 # about 70% busy (process start-up, Ray's health checks); two files side by side fill them.
 XDIST := -n 2 --dist loadfile
@@ -83,15 +89,15 @@ plot: $(STAMP)  ## loss, per-step losses, refinement -> runs/<id>/plots/*.png: R
 	$(need_run)
 	$(BIN)/python -m launcher plot --run-dir $(RUN_DIR)
 
-cluster-up: $(STAMP)  ## start a GPU cluster: CLOUD=aws|gcp GPU=a100|h100 NODES=n [STORAGE=s3://... SECURITY_GROUP=sg-... GCP_PROJECT=...]
+cluster-up: $(CLOUD_STAMP)  ## start a GPU cluster: CLOUD=aws|gcp GPU=a100|h100 NODES=n STORAGE=s3://|gs://... IMAGE=<registry>/trmgpt:<tag> [aws: SUBNET=subnet-... SSH_CIDR=a.b.c.d/32 HEAD_SUBNET=subnet-...] [gcp: GCP_PROJECT=... GCP_SERVICE_ACCOUNT=...]
 	$(need_cloud)$(need_nodes)
-	$(BIN)/python -m cluster up --cloud $(CLOUD) --gpu $(GPU) --nodes $(NODES) $(if $(STORAGE),--storage $(STORAGE)) $(if $(SECURITY_GROUP),--security-group $(SECURITY_GROUP)) $(if $(GCP_PROJECT),--project $(GCP_PROJECT))
+	$(BIN)/python -m cluster up --cloud $(CLOUD) --gpu $(GPU) --nodes $(NODES) $(if $(STORAGE),--storage $(STORAGE)) $(if $(IMAGE),--image $(IMAGE)) $(if $(SUBNET),--subnet $(SUBNET)) $(if $(HEAD_SUBNET),--head-subnet $(HEAD_SUBNET)) $(if $(SSH_CIDR),--ssh-cidr $(SSH_CIDR)) $(if $(GCP_PROJECT),--project $(GCP_PROJECT)) $(if $(GCP_SERVICE_ACCOUNT),--service-account $(GCP_SERVICE_ACCOUNT))
 
-cluster-down: $(STAMP)  ## tear the cluster down: [CLOUD= GPU=]
+cluster-down: $(CLOUD_STAMP)  ## tear the cluster down: [CLOUD= GPU=]
 	$(need_cloud)
 	$(BIN)/python -m cluster down --cloud $(CLOUD) --gpu $(GPU)
 
-dashboard: $(STAMP)  ## SSH tunnel to the head's dashboard and job API on localhost:8265
+dashboard: $(CLOUD_STAMP)  ## SSH tunnel to the head's dashboard and job API on localhost:8265
 	$(need_cloud)
 	$(BIN)/python -m cluster dashboard --cloud $(CLOUD) --gpu $(GPU)
 

@@ -1,10 +1,12 @@
 """python -m cluster {up,down,dashboard}: a thin wrapper over `ray up`, `ray down`, `ray dashboard`.
 
-`up` renders cluster/<cloud>-<gpu>.yaml (GPU worker count, optional SSH security group or GCP
-project) into ~/.trmgpt/clusters/, prepares what the nodes get by file_mounts — the Ray auth token
+`up` renders cluster/<cloud>-<gpu>.yaml (GPU worker count, the image, on AWS the subnet and what
+cluster/aws.py gets or creates, on GCP the project and the GPU nodes' service account) into
+~/.trmgpt/clusters/, prepares what the nodes get by file_mounts — the Ray auth token
 (`ray get-auth-token --generate`), ~/.trmgpt/node/env (TRMGPT_STORAGE) and the wandb key from
-your environment, all mode 600 — then runs `ray up`. Every command is printed before it runs;
-`--dry-run` prints and stops. Credentials for AWS/GCP are the cloud SDK's own (env, profile).
+your environment, all mode 600 — then runs the project's own `ray up` (.venv/bin/ray). Every
+command is printed before it runs; `--dry-run` prints and stops. Credentials for AWS/GCP are the
+cloud SDK's own (env, profile); the SDKs come with the `cloud` extra (`make cluster-up` adds it).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from cluster.aws import AwsResources
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -34,35 +38,80 @@ def cluster_yaml(cloud: str, gpu: str) -> Path:
     return HERE / f"{cloud}-{gpu}.yaml"
 
 
-def render(cloud: str, gpu: str, nodes: int, storage: str | None,
-           security_group: str | None, project: str | None) -> dict:
-    """The cluster config for `ray up`: the GPU node type pinned to `nodes` workers."""
+PLACEHOLDER = re.compile(r"\b(IMAGE|HEAD_PROFILE|WORKER_PROFILE|PLACEMENT_GROUP|PROJECT|"
+                         r"WORKER_SERVICE_ACCOUNT|SUBNETWORK)\b")
+IMAGE_RE = re.compile(r"[a-z0-9][\w.\-/:@]*[:@][\w.\-]+")
+
+
+def _fill(value, table: dict[str, str]):
+    """Replace the YAML's placeholder words (IMAGE, WORKER_PROFILE, ...) everywhere."""
+    if isinstance(value, dict):
+        return {k: _fill(v, table) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, table) for v in value]
+    if isinstance(value, str) and value in table:
+        return table[value]
+    return value
+
+
+def render(cloud: str, gpu: str, nodes: int, storage: str | None, *, image: str | None,
+           project: str | None = None, subnet: str | None = None,
+           aws: AwsResources | None = None, service_account: str | None = None,
+           gcp_subnet: str = "default", head_subnet: str | None = None) -> dict:
+    """The cluster config for `ray up`: the GPU node type pinned to `nodes` workers, every
+    placeholder of the YAML filled in (for AWS from the resources cluster/aws.py made)."""
     if nodes < 1:
         raise ValueError(f"nodes must be >= 1, got {nodes}")
+    scheme = {"aws": "s3://", "gcp": "gs://"}[cloud]
+    if not (storage and storage.startswith(scheme) and len(storage) > len(scheme)):
+        # Nodes share no filesystem: checkpoints, the run folder and Ray's own state live in
+        # the bucket, even with one GPU node (the head is another machine).
+        raise ValueError(f"a cluster needs object storage every node can write: "
+                         f"STORAGE={scheme}bucket/prefix")
+    if not (image and IMAGE_RE.fullmatch(image)):
+        raise ValueError("the nodes run the project's image: IMAGE=<registry>/trmgpt:<tag> "
+                         "(build and push cluster/kuberay/Dockerfile first), got "
+                         f"{image!r}")
     cfg = yaml.safe_load(cluster_yaml(cloud, gpu).read_text())
     (gpu_type,) = [k for k in cfg["available_node_types"] if k != cfg["head_node_type"]]
     node = cfg["available_node_types"][gpu_type]
     node["min_workers"] = node["max_workers"] = nodes
     cfg["max_workers"] = max(cfg["max_workers"], nodes)
-    if security_group:
-        if cloud != "aws" or not re.fullmatch(r"sg-[0-9a-f]+", security_group):
-            raise ValueError(f"SECURITY_GROUP must be an AWS group id sg-..., got "
-                             f"{security_group!r}")
-        for t in cfg["available_node_types"].values():
-            nics = t["node_config"].get("NetworkInterfaces")
-            if nics:
-                for nic in nics:
-                    nic["Groups"] = [security_group]
-            else:
-                t["node_config"]["SecurityGroupIds"] = [security_group]
-    if cloud == "gcp":
+    table = {"IMAGE": image}
+    if cloud == "aws":
+        if aws is None or not subnet:
+            raise ValueError("AWS needs a subnet (one availability zone): SUBNET=subnet-...")
+        table.update(HEAD_PROFILE=aws.head_profile_arn, WORKER_PROFILE=aws.worker_profile_arn,
+                     PLACEMENT_GROUP=aws.placement_group)
+        for name, t in cfg["available_node_types"].items():
+            for nic in t["node_config"]["NetworkInterfaces"]:
+                nic["SubnetId"] = (head_subnet or subnet) if name == cfg["head_node_type"] \
+                    else subnet
+                nic["Groups"] = [aws.security_group]
+    else:
         if not project:
             raise ValueError("GCP needs a project: GCP_PROJECT=<project id>")
         cfg["provider"]["project_id"] = project
-    if nodes > 1 and not (storage and "://" in storage):
-        raise ValueError("more than one node needs shared checkpoint storage every node can "
-                         "write: STORAGE=s3://bucket/prefix (aws) or gs://bucket/prefix (gcp)")
+        region = cfg["provider"]["region"]
+        table.update(
+            PROJECT=project,
+            WORKER_SERVICE_ACCOUNT=service_account
+            or f"trmgpt-worker@{project}.iam.gserviceaccount.com",
+            SUBNETWORK=f"projects/{project}/regions/{region}/subnetworks/{gcp_subnet}")
+    cfg = _fill(cfg, table)
+    left = PLACEHOLDER.findall(yaml.safe_dump(cfg))
+    if left:
+        raise AssertionError(f"unfilled placeholders in the rendered config: {left}")
     return cfg
+
+
+def ray_bin() -> str:
+    """The project's own `ray` (the one installed beside this Python, i.e. .venv/bin/ray), not
+    whatever `ray` is on PATH: a different Ray on the laptop than on the nodes breaks `ray up`."""
+    path = Path(sys.executable).with_name("ray")
+    if not path.exists():
+        raise ValueError(f"{path} is missing: install the project first (`make setup`)")
+    return str(path)
 
 
 def run(cmd: list[str], dry: bool) -> int:
@@ -89,25 +138,61 @@ def prepare_node_files(storage: str | None, dry: bool) -> None:
     elif dest.exists():
         dest.unlink()
     os.chmod(env, 0o600)
-    subprocess.run(["ray", "get-auth-token", "--generate"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([ray_bin(), "get-auth-token", "--generate"], check=True,
+                   stdout=subprocess.DEVNULL)
 
 
 def rendered_path(cloud: str, gpu: str) -> Path:
     return STATE / "clusters" / f"{cloud}-{gpu}.yaml"
 
 
+def aws_resources(args, cluster_name: str, region: str) -> AwsResources:
+    """Get or create the security group, placement group and instance profiles (cluster/aws.py);
+    a dry run only names them."""
+    if not args.subnet:
+        raise ValueError("AWS needs a subnet (one availability zone): SUBNET=subnet-...")
+    if not args.ssh_cidr:
+        raise ValueError("AWS needs the network SSH is admitted from: SSH_CIDR=a.b.c.d/32 "
+                         "(your address; `curl https://checkip.amazonaws.com`)")
+    named = AwsResources("vpc-?", "?", "sg-<dry-run>", f"{cluster_name}-pg",
+                         f"arn:aws:iam::<account>:instance-profile/{cluster_name}-head",
+                         f"arn:aws:iam::<account>:instance-profile/{cluster_name}-worker")
+    # every other input is checked (a render with these names) before anything is created
+    render(args.cloud, args.gpu, args.nodes, args.storage, image=args.image,
+           subnet=args.subnet, aws=named, head_subnet=args.head_subnet)
+    if args.dry_run:
+        return named
+    from cluster.aws import ensure
+
+    res, notes = ensure(cluster_name, region, args.subnet, args.ssh_cidr, args.storage or "",
+                        head_subnet=args.head_subnet)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"aws: subnet {args.subnet} ({res.availability_zone}), security group "
+          f"{res.security_group}, placement group {res.placement_group}, worker profile "
+          f"{res.worker_profile_arn}", file=sys.stderr)
+    return res
+
+
 def up(args) -> int:
-    cfg = render(args.cloud, args.gpu, args.nodes, args.storage, args.security_group,
-                 args.project)
+    raw = yaml.safe_load(cluster_yaml(args.cloud, args.gpu).read_text())
+    res = None
+    if args.cloud == "aws":
+        if not (args.storage or "").startswith("s3://"):
+            raise ValueError("a cluster needs object storage every node can write: "
+                             "STORAGE=s3://bucket/prefix")
+        res = aws_resources(args, raw["cluster_name"], raw["provider"]["region"])
+    cfg = render(args.cloud, args.gpu, args.nodes, args.storage, image=args.image,
+                 project=args.project, subnet=args.subnet, aws=res,
+                 service_account=args.service_account,
+                 head_subnet=getattr(args, "head_subnet", None))
+    ray = ray_bin()
     out = rendered_path(args.cloud, args.gpu)
     if not args.dry_run:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     prepare_node_files(args.storage, args.dry_run)
-    if args.cloud == "aws" and not args.security_group:
-        print("note: Ray's security group admits SSH from anywhere (nothing else); pass "
-              "SECURITY_GROUP=sg-... to admit only your network", file=sys.stderr)
-    code = run(["ray", "up", "-y", str(out), "--min-workers", str(args.nodes), "--max-workers",
+    code = run([ray, "up", "-y", str(out), "--min-workers", str(args.nodes), "--max-workers",
                 str(args.nodes), "--disable-usage-stats"], args.dry_run)
     if code == 0:
         print(f"cluster up. Next: `make dashboard CLOUD={args.cloud} GPU={args.gpu}` (keep it "
@@ -125,19 +210,21 @@ def existing(cloud: str, gpu: str) -> Path:
 
 def down(args) -> int:
     out = rendered_path(args.cloud, args.gpu) if args.dry_run else existing(args.cloud, args.gpu)
-    return run(["ray", "down", "-y", str(out)], args.dry_run)
+    return run([ray_bin(), "down", "-y", str(out)], args.dry_run)
 
 
 def dashboard(args) -> int:
     out = rendered_path(args.cloud, args.gpu) if args.dry_run else existing(args.cloud, args.gpu)
     print("dashboard and job API on http://127.0.0.1:8265 while this runs (Ctrl-C closes it)")
-    return run(["ray", "dashboard", "-p", "8265", str(out)], args.dry_run)
+    return run([ray_bin(), "dashboard", "-p", "8265", str(out)],
+               args.dry_run)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="cluster", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    env = os.environ.get
     for name, fn in (("up", up), ("down", down), ("dashboard", dashboard)):
         p = sub.add_parser(name)
         p.add_argument("--cloud", default="aws")
@@ -145,10 +232,21 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--dry-run", action="store_true", help="print the commands only")
         if name == "up":
             p.add_argument("--nodes", type=int, default=1, help="8-GPU worker nodes")
-            p.add_argument("--storage", default=os.environ.get("STORAGE") or None,
-                           help="shared checkpoint storage (s3://... or gs://...)")
-            p.add_argument("--security-group", default=os.environ.get("SECURITY_GROUP") or None)
-            p.add_argument("--project", default=os.environ.get("GCP_PROJECT") or None)
+            p.add_argument("--storage", default=env("STORAGE") or None,
+                           help="the run's object storage (s3://... or gs://...), required")
+            p.add_argument("--image", default=env("IMAGE") or None,
+                           help="the image built from cluster/kuberay/Dockerfile, required")
+            p.add_argument("--subnet", default=env("SUBNET") or None,
+                           help="AWS: the subnet (= availability zone) of every node")
+            p.add_argument("--head-subnet", default=env("HEAD_SUBNET") or None,
+                           help="AWS: a public subnet of the same VPC for the head (default: "
+                                "SUBNET)")
+            p.add_argument("--ssh-cidr", default=env("SSH_CIDR") or None,
+                           help="AWS: the only network SSH is admitted from")
+            p.add_argument("--project", default=env("GCP_PROJECT") or None)
+            p.add_argument("--service-account", default=env("GCP_SERVICE_ACCOUNT") or None,
+                           help="GCP: the GPU nodes' service account (bucket rights); default "
+                                "trmgpt-worker@<project>.iam.gserviceaccount.com")
         p.set_defaults(fn=fn)
     args = ap.parse_args(argv)
     try:

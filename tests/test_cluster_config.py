@@ -1,7 +1,9 @@
 """cluster/: every cluster-launcher YAML passes the schema Ray ships (ray-schema.json)
 and Ray's own config checks; the security settings the issue asks for are in each of them; the
-KubeRay manifests keep the job API on loopback and take secrets from a Secret; `python -m cluster`
-renders the worker count and refuses bad input before anything runs."""
+nodes run the project's image; `python -m cluster` renders the worker count and every
+placeholder, uses the project's own `ray`, and refuses bad input before anything runs.
+Ray's AWS bootstrap: tests/test_cluster_aws.py; GCP: test_cluster_gcp.py; KubeRay:
+test_cluster_kuberay.py."""
 
 from __future__ import annotations
 
@@ -41,13 +43,19 @@ def test_yaml_security_and_setup(path):
     text = path.read_text()
     head = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in text
+    assert "--num-cpus=0" in head
     for cmds in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
         assert "RAY_AUTH_MODE=token" in " ".join(cmds)
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert "WANDB_API_KEY" not in text  # the key is a mounted file, never in the YAML
-    setup = " ".join(cfg["setup_commands"])
-    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu" in setup
-    assert "[gpu]" in setup
+    # nodes run the project's image; nothing is downloaded or pip-installed at boot
+    assert cfg["docker"]["image"] == "IMAGE" and cfg["docker"]["pull_before_run"]
+    assert "--gpus all" in cfg["docker"]["worker_run_options"]
+    boot = " ".join(cfg["setup_commands"] + cfg.get("initialization_commands", []))
+    for word in ("pip install", "uv ", "curl", "wget"):
+        assert word not in boot
+    assert "ray.__version__ == '2.60.0'" in boot
+    assert "~/trmgpt" not in cfg["file_mounts"]  # the code comes with the image and the job
     (gpu_type,) = [k for k in cfg["available_node_types"] if k != cfg["head_node_type"]]
     node = cfg["available_node_types"][gpu_type]["node_config"]
     machine = node.get("InstanceType") or node.get("machineType")
@@ -55,67 +63,96 @@ def test_yaml_security_and_setup(path):
                        "gcp-a100": "a2-highgpu-8g", "gcp-h100": "a3-highgpu-8g"}[path.stem]
     workers = " ".join(cfg["worker_start_ray_commands"])
     assert "NCCL_" in workers
+    # GPU nodes: internal addresses only; the laptop reaches the head's external one
+    assert cfg["provider"]["use_internal_ips"] and cfg["provider"]["use_external_head_ip"]
     if path.stem.startswith("aws"):
         assert "FI_PROVIDER=efa" in workers
-        assert node["NetworkInterfaces"][0]["InterfaceType"] == "efa"
-
-
-@pytest.mark.parametrize("name", ["raycluster", "rayjob"])
-def test_kuberay_manifests(name):
-    docs = list(yaml.safe_load_all((REPO / "cluster" / "kuberay" / f"{name}.yaml").read_text()))
-    (doc,) = docs
-    assert doc["apiVersion"] == "ray.io/v1"
-    spec = doc["spec"]["rayClusterSpec"] if name == "rayjob" else doc["spec"]
-    head = spec["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
-    assert head["serviceType"] == "ClusterIP"
-    env = {e["name"]: e for e in head["template"]["spec"]["containers"][0]["env"]}
-    assert env["RAY_AUTH_MODE"]["value"] == "token"
-    for secret in ("WANDB_API_KEY", "RAY_AUTH_TOKEN"):
-        assert "secretKeyRef" in env[secret]["valueFrom"]
-    workers = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-    assert workers["resources"]["limits"]["nvidia.com/gpu"] == 8
-    if name == "rayjob":
-        assert doc["spec"]["submissionMode"] == "SidecarMode"  # reaches the loopback job API
-        assert "launcher train --ray --address auto --gpu" in doc["spec"]["entrypoint"]
+        assert "--device=/dev/infiniband" in cfg["docker"]["worker_run_options"]
+        assert "availability_zone" not in cfg["provider"]  # the one subnet decides it
+        nics = node["NetworkInterfaces"]
+        assert len(nics) == {"aws-a100": 4, "aws-h100": 32}[path.stem]
+        assert nics[0] == {"NetworkCardIndex": 0, "DeviceIndex": 0, "InterfaceType": "efa",
+                           "DeleteOnTermination": True}
+        assert node["IamInstanceProfile"] == {"Arn": "WORKER_PROFILE"}
+        assert node["Placement"] == {"GroupName": "PLACEMENT_GROUP"}
+    else:
+        assert node["serviceAccounts"][0]["email"] == "WORKER_SERVICE_ACCOUNT"
+        assert node["networkInterfaces"][0]["nicType"] == "GVNIC"
 
 
 def cluster_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
-    for k in ("STORAGE", "SECURITY_GROUP", "GCP_PROJECT"):
+    for k in ("STORAGE", "SECURITY_GROUP", "GCP_PROJECT", "IMAGE", "SUBNET", "SSH_CIDR",
+              "GCP_SERVICE_ACCOUNT"):
         env.pop(k, None)
     return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
 
 
-def test_render_pins_workers_and_group():
-    from cluster.__main__ import render
+IMAGE = "111122223333.dkr.ecr.us-east-1.amazonaws.com/trmgpt:0.1.0-cu128"
+AWS_OK = ["--subnet", "subnet-0123456789abcdef0", "--ssh-cidr", "203.0.113.7/32",
+          "--storage", "s3://bucket/runs", "--image", IMAGE]
 
-    cfg = render("aws", "h100", 4, "s3://bucket/runs", "sg-0123abcd", None)
+
+def test_render_pins_workers_and_fills_every_placeholder():
+    from cluster.__main__ import render
+    from cluster.aws import AwsResources
+
+    res = AwsResources("vpc-1", "us-east-1b", "sg-0123abcd", "trmgpt-aws-h100-pg",
+                       "arn:aws:iam::1:instance-profile/h", "arn:aws:iam::1:instance-profile/w")
+    cfg = render("aws", "h100", 4, "s3://bucket/runs", image=IMAGE,
+                 subnet="subnet-0123456789abcdef0", aws=res)
     node = cfg["available_node_types"]["gpu_h100"]
     assert node["min_workers"] == node["max_workers"] == 4
-    assert node["node_config"]["NetworkInterfaces"][0]["Groups"] == ["sg-0123abcd"]
-    assert cfg["available_node_types"]["head"]["node_config"]["SecurityGroupIds"] == [
-        "sg-0123abcd"]
-    cfg = render("gcp", "a100", 2, "gs://bucket/runs", None, "my-project")
+    for t in cfg["available_node_types"].values():
+        for nic in t["node_config"]["NetworkInterfaces"]:
+            assert nic["SubnetId"] == "subnet-0123456789abcdef0"
+            assert nic["Groups"] == ["sg-0123abcd"]
+    assert node["node_config"]["IamInstanceProfile"] == {"Arn": res.worker_profile_arn}
+    assert node["node_config"]["Placement"] == {"GroupName": "trmgpt-aws-h100-pg"}
+    assert cfg["docker"]["image"] == IMAGE
+    cfg = render("gcp", "a100", 2, "gs://bucket/runs", image=IMAGE, project="my-project")
     assert cfg["provider"]["project_id"] == "my-project"
+    nc = cfg["available_node_types"]["gpu_a100"]["node_config"]
+    assert nc["serviceAccounts"][0]["email"] == "trmgpt-worker@my-project.iam.gserviceaccount.com"
+    assert nc["networkInterfaces"][0]["subnetwork"] == (
+        "projects/my-project/regions/us-central1/subnetworks/default")
 
 
 def test_cluster_up_dry_run_prints_ray_up(tmp_path):
     res = cluster_cli("up", "--cloud", "aws", "--gpu", "a100", "--nodes", "1", "--dry-run",
-                      home=tmp_path)
+                      *AWS_OK, home=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "+ ray up -y" in res.stdout and "--max-workers 1" in res.stdout
+    # the project's own ray, not the one on PATH
+    assert f"+ {Path(sys.executable).with_name('ray')} up -y" in res.stdout
+    assert "--max-workers 1" in res.stdout
     assert not (tmp_path / ".trmgpt").exists()  # a dry run writes nothing
+
+
+def test_the_projects_own_ray_is_used():
+    from cluster.__main__ import ray_bin
+
+    assert Path(ray_bin()) == Path(sys.executable).with_name("ray")
+    assert Path(ray_bin()).exists()
+
+
+def _without(flag: str) -> list[str]:
+    i = AWS_OK.index(flag)
+    return AWS_OK[:i] + AWS_OK[i + 2:]
 
 
 @pytest.mark.parametrize("args,message", [
     (["up", "--cloud", "azure"], "cloud must be one of"),
     (["up", "--gpu", "v100"], "gpu must be one of"),
-    (["up", "--nodes", "0"], "nodes must be >= 1"),
-    (["up", "--nodes", "2"], "shared checkpoint storage"),
-    (["up", "--cloud", "gcp"], "GCP needs a project"),
-    (["up", "--security-group", "open-to-all"], "SECURITY_GROUP must be"),
+    (["up", "--nodes", "0", "--dry-run", *AWS_OK], "nodes must be >= 1"),
+    (["up", "--nodes", "1", *_without("--storage")], "STORAGE=s3://"),   # even one node
+    (["up", *_without("--subnet")], "SUBNET=subnet-"),
+    (["up", *_without("--ssh-cidr")], "SSH_CIDR="),
+    (["up", *_without("--image"), "--dry-run"], "IMAGE=<registry>"),
+    (["up", *AWS_OK[:2], "--ssh-cidr", "0.0.0.0/0", *AWS_OK[4:]], "SSH_CIDR must be"),
+    (["up", "--cloud", "gcp", "--storage", "gs://b/p", "--image", IMAGE], "GCP needs a project"),
+    (["up", "--cloud", "gcp", "--project", "p", "--storage", "s3://b/p", "--image", IMAGE],
+     "STORAGE=gs://"),
     (["down"], "no cluster started from this machine"),
     (["dashboard", "--gpu", "h100"], "no cluster started from this machine"),
 ])
@@ -123,4 +160,4 @@ def test_cluster_cli_refuses_bad_input(tmp_path, args, message):
     res = cluster_cli(*args, home=tmp_path)
     assert res.returncode != 0
     assert message in res.stderr and "Traceback" not in res.stderr
-    assert "+ ray" not in res.stdout  # nothing was run
+    assert "ray up" not in res.stdout  # nothing was run
