@@ -52,8 +52,28 @@ def losses_for_cases(cases: list[tuple[int, str, str]]) -> dict:
                            nan_at_step=True)
         out[f"nan/{stage}/{mode}/{ac}"] = [ok, before, probe_loss(engine, seq)]
         out[f"{stage}/{mode}/{ac}"] = losses  # plain lists: tensors would not outlive the worker
+        out[f"weights/{stage}/{mode}/{ac}"] = weights_digest(model, stage)
         del engine
     return out
+
+
+def weights_digest(model, stage: int) -> str:
+    """sha256 of every parameter's bytes, in name order; under ZeRO-3 the full parameters,
+    gathered from their partitions (every rank takes part in the gather)."""
+    import contextlib
+    import hashlib
+
+    import deepspeed
+
+    params = list(model.named_parameters())
+    gather = (deepspeed.zero.GatheredParameters([p for _, p in params]) if stage == 3
+              else contextlib.nullcontext())
+    h = hashlib.sha256()
+    with gather:
+        for name, p in sorted(params):
+            h.update(name.encode())
+            h.update(p.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def probe_loss(engine, seq: torch.Tensor) -> float:
@@ -73,14 +93,11 @@ def test_zero_stages_match_plain_data_parallel(results, mode):
     rank0 = results[0]
     ref = torch.tensor(rank0[f"0/{mode}/off"], dtype=torch.float64)
     assert ref[-1].mean() < ref[0].mean() - 0.1, "training did not move the loss"
-    compared = 0
-    for key, losses in rank0.items():
-        if key.startswith("nan/") or key.split("/")[1] != mode:
-            continue
-        got = torch.tensor(losses, dtype=torch.float64)
+    others = [f"{stage}/{m}/{ac}" for stage, m, ac in CASES if m == mode and stage != 0]
+    assert len(others) == (5 if mode == "accumulate" else 3)
+    for key in others:
+        got = torch.tensor(rank0[key], dtype=torch.float64)
         torch.testing.assert_close(got, ref, rtol=0, atol=2e-5, msg=lambda m, k=key: f"{k}: {m}")
-        compared += 1
-    assert compared >= 4
 
 
 @pytest.mark.slow
@@ -89,8 +106,15 @@ def test_modes_differ_and_ranks_agree(results):
     a = torch.tensor(results[0]["0/accumulate/off"])
     p = torch.tensor(results[0]["0/per_step/off"])
     assert not torch.allclose(a[1:], p[1:])
-    # every rank computed its own data but the same weights: losses differ, both finite
-    assert results[0]["2/accumulate/off"] != results[1]["2/accumulate/off"]
+    # every rank trained on its own data (so its losses differ) and yet ends with bit-identical
+    # weights, under every stage and mode: the gradient reduction (and ZeRO's all-gather of the
+    # updated partitions) reached every parameter on every rank
+    for stage, mode, ac in CASES:
+        assert results[0][f"{stage}/{mode}/{ac}"] != results[1][f"{stage}/{mode}/{ac}"]
+        key = f"weights/{stage}/{mode}/{ac}"
+        assert results[0][key] == results[1][key], f"ranks hold different weights: {key}"
+    # and training moved them: the two modes end on different weights
+    assert results[0]["weights/0/accumulate/off"] != results[0]["weights/0/per_step/off"]
 
 
 @pytest.mark.slow
