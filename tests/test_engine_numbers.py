@@ -162,6 +162,29 @@ def bf16_against_fp32() -> dict:
     return out
 
 
+def device_copies() -> dict:
+    """How often one train_step sends its micro-batches to the device (through
+    step.to_device: pinned + non_blocking on CUDA), for 2 micro-batches of N_sup steps."""
+    import launcher.engine.step as step
+    from launcher.engine.config import resolve
+    from launcher.engine.parallelize import parallelize
+
+    run = resolve("tiny", {**SMALL, "zero_stage": 0, "precision": "fp32"})
+    engine, _, _, _ = parallelize(run, 1)
+    real, calls = step.to_device, []
+
+    def counted(t, device):
+        calls.append(t.data_ptr())
+        return real(t, device)
+
+    step.to_device = counted
+    try:
+        step.train_step(engine, [batch(30), batch(31)], run.model.N_sup, "accumulate")
+    finally:
+        step.to_device = real
+    return {"calls": len(calls), "distinct": len(set(calls)), "n_sup": run.model.N_sup}
+
+
 def rng_left_alone() -> bool:
     from launcher.engine.config import resolve
     from launcher.engine.parallelize import parallelize
@@ -216,7 +239,7 @@ def everything(root: str) -> dict:
 
     init_distributed()
     out = {"per_step": per_step_against_adamw(), "eval": evaluation_against_hand(),
-           "rng": rng_left_alone(), "bf16": bf16_against_fp32(),
+           "rng": rng_left_alone(), "bf16": bf16_against_fp32(), "copies": device_copies(),
            **{f"skip{stage}": skipped_update(stage) for stage in (0, 1, 2, 3)}}
     try:
         out["ema"] = ema_from_two_ranks(root)
@@ -269,6 +292,13 @@ def test_bf16_trains_with_fp32_master_weights_and_follows_fp32(results):
     a, b = torch.tensor(r["fp32"]["losses"]), torch.tensor(r["bf16"]["losses"])
     assert b[-1].mean() < b[0].mean() - 0.05, b
     torch.testing.assert_close(b, a, rtol=0.02, atol=0)
+
+
+@pytest.mark.slow
+def test_each_micro_batch_goes_to_the_device_once(results):
+    """Not once per supervision step (N_sup = 4 here): 2 micro-batches x (inputs, targets)."""
+    c = results["copies"]
+    assert c["n_sup"] > 1 and c["calls"] == c["distinct"] == 4, c
 
 
 @pytest.mark.slow
