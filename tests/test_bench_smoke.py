@@ -48,7 +48,10 @@ def test_script_runs_quick_and_writes_its_json(name, results_dir):
     for key in SCRIPTS[name][0] + ["machine", "finished"]:
         assert key in data, key
     if name == "gpu":  # every configuration ran, bf16, with a kernel and an estimate recorded
-        assert [r["config"] for r in data["rows"]] == ["base", "zero3"]
+        # A's training config (ZeRO-1, checkpointing), compiled, and ZeRO-3, through DeepSpeed
+        assert [r["config"] for r in data["rows"]] == ["base", "compile", "zero3"]
+        assert [(r["zero"], r["ckpt"], r["compile"]) for r in data["rows"]] == [
+            (1, True, False), (1, True, True), (3, True, False)]
         for r in data["rows"]:
             assert "error" not in r, r
             assert r["precision"] == "bf16" and r["tokens_per_s"] > 0, r
