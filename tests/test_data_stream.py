@@ -151,3 +151,24 @@ def test_cli_inspect(capsys):
                  "32", "--windows", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("--- window") == 2 and '"docs"' in out and "stream loader" in out
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_with_a_larger_num_samples_continues_the_stream(corpus, tok, num_workers):
+    """A run extended with a larger max_steps resumes its loader with a larger num_samples: the
+    batches after the checkpoint are exactly those an uninterrupted run of the larger size
+    draws there, past the end of the first epoch too (not a restart, not a repeat)."""
+    kwargs = {"batch_size": 2, "seq_len": T, "num_workers": num_workers, "seed": 5,
+              "block_docs": 8}
+    spec = _spec(corpus["txt"])
+    one_epoch = sum(1 for _ in build_loader(spec, tok, **kwargs)) * 2  # samples in one pass
+    short, long = one_epoch // 2, 2 * one_epoch
+    full = [[x.tolist(), y.tolist()] for x, y in
+            build_loader(spec, tok, **kwargs, num_samples=long)]
+    assert len(full) == long // 2
+    first = build_loader(spec, tok, **kwargs, num_samples=short)
+    head = [[x.tolist(), y.tolist()] for x, y in first]
+    assert head == full[:len(head)] and len(head) == short // 2
+    extended = build_loader(spec, tok, **kwargs, num_samples=long)
+    extended.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [[x.tolist(), y.tolist()] for x, y in extended] == full[len(head):]
