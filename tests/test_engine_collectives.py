@@ -21,6 +21,7 @@ from collections import defaultdict
 import pytest
 
 from tests.distributed import run_distributed
+from tests.helpers import random_batch
 
 N_SUP, BATCHES = 4, 3
 CASES = [(stage, mode) for mode in ("accumulate", "per_step") for stage in (0, 1, 2, 3)]
@@ -68,8 +69,6 @@ def install_counter() -> dict:
 
 def measure(cases: list[tuple[int, str]]) -> dict:
     counts = install_counter()  # before DeepSpeed's backend takes its function references
-    import torch
-
     from launcher.engine.config import resolve
     from launcher.engine.dist import init_distributed
     from launcher.engine.parallelize import parallelize
@@ -78,13 +77,12 @@ def measure(cases: list[tuple[int, str]]) -> dict:
     info = init_distributed()
     out = {}
     for stage, mode in cases:
+        # tiny's own vocabulary: the README's figures are per gradient of that model
         run = resolve("tiny", {"zero_stage": stage, "update_mode": mode, "N_sup": N_SUP,
                                "sequence_len": 32, "device_batch_size": 2, "max_steps": 10,
                                "precision": "fp32"}, world_size=info.world_size)
         engine, model, _, _ = parallelize(run, info.world_size)
-        vocab = run.model.vocab_size
-        seq = torch.randint(0, vocab, (2, 33), generator=torch.Generator().manual_seed(info.rank))
-        batch = [(seq[:, :-1], seq[:, 1:])]
+        batch = [random_batch(info.rank, run.model.vocab_size)]
         train_step(engine, batch, N_SUP, mode)  # warm-up: first-call setup is not steady state
         counts.clear()
         for _ in range(BATCHES):

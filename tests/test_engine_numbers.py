@@ -20,14 +20,11 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.helpers import SMALL_TINY
+from tests.helpers import random_batch as batch
 
-SMALL = {"sequence_len": 32, "device_batch_size": 2, "vocab_size": 256, "max_steps": 4,
-         "matrix_lr": 1e-2, "embedding_lr": 1e-2, "lm_head_lr": 1e-2, "scalar_lr": 1e-2}
-
-
-def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(seed))
-    return seq[:, :-1], seq[:, 1:]
+SMALL = {**SMALL_TINY, "max_steps": 4, "matrix_lr": 1e-2, "embedding_lr": 1e-2,
+         "lm_head_lr": 1e-2, "scalar_lr": 1e-2}
 
 
 def per_step_against_adamw() -> float:
@@ -197,7 +194,10 @@ def rng_left_alone() -> bool:
 
 def ema_from_two_ranks(root: str) -> float:
     """Write the EMA shards a 2-rank ZeRO-3 run leaves, load them on this 1-rank ZeRO-3 engine
-    with a stale WORLD_SIZE=2 in the environment; largest error against the full EMA."""
+    with a stale WORLD_SIZE=2 in the environment; largest error against the full EMA. The
+    shards follow this test's model of ZeRO-3's partitioning; a real 2-rank ZeRO-3 checkpoint's
+    EMA is consolidated (and checked against DeepSpeed's zero_to_fp32) by
+    test_engine_runs::test_zero_to_fp32_equals_export_raw."""
     import os
 
     from launcher.engine.checkpoint import ResumePoint

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.helpers import SMALL_TINY, random_batch
 
 STEPS = 10
 CASES = [  # (zero stage, update mode, activation checkpointing)
@@ -31,26 +32,22 @@ def losses_for_cases(cases: list[tuple[int, str, str]]) -> dict:
     info = init_distributed()
     out = {}
     for stage, mode, ac in cases:
-        over = {"zero_stage": stage, "update_mode": mode, "sequence_len": 32,
-                "device_batch_size": 2, "vocab_size": 256, "warmup_steps": 2,
+        over = {**SMALL_TINY, "zero_stage": stage, "update_mode": mode, "warmup_steps": 2,
                 "max_steps": STEPS, "activation_checkpointing": ac != "off",
                 "checkpoint_impl": "torch" if ac == "off" else ac}
         run = resolve("tiny", over, world_size=info.world_size)
         engine, model, _, _ = parallelize(run, info.world_size)
         # each rank its own batch, the same every step: the loss must fall, so updates matter
-        gen = torch.Generator().manual_seed(100 + info.rank)
-        seq = torch.randint(0, 256, (2, 33), generator=gen)
+        batch = random_batch(100 + info.rank)
         losses = []
         for _ in range(STEPS):
-            step_losses, ok = train_step(engine, [(seq[:, :-1], seq[:, 1:])], run.model.N_sup,
-                                         mode)
+            step_losses, ok = train_step(engine, [batch], run.model.N_sup, mode)
             assert ok
             losses.append(step_losses)
         # a poisoned batch (NaN objective) must leave the weights exactly as they were
-        before = probe_loss(engine, seq)
-        _, ok = train_step(engine, [(seq[:, :-1], seq[:, 1:])], run.model.N_sup, mode,
-                           nan_at_step=True)
-        out[f"nan/{stage}/{mode}/{ac}"] = [ok, before, probe_loss(engine, seq)]
+        before = probe_loss(engine, batch)
+        _, ok = train_step(engine, [batch], run.model.N_sup, mode, nan_at_step=True)
+        out[f"nan/{stage}/{mode}/{ac}"] = [ok, before, probe_loss(engine, batch)]
         out[f"{stage}/{mode}/{ac}"] = losses  # plain lists: tensors would not outlive the worker
         out[f"weights/{stage}/{mode}/{ac}"] = weights_digest(model, stage)
         del engine
@@ -76,9 +73,9 @@ def weights_digest(model, stage: int) -> str:
     return h.hexdigest()
 
 
-def probe_loss(engine, seq: torch.Tensor) -> float:
+def probe_loss(engine, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
     with torch.no_grad():
-        _, loss, _, _ = engine(seq[:, :-1], None, None, seq[:, 1:], 0, None)
+        _, loss, _, _ = engine(batch[0], None, None, batch[1], 0, None)
     return loss.item()
 
 
