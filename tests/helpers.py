@@ -89,3 +89,17 @@ def random_batch(seed: int, vocab: int = 256, batch: int = 2, seq: int = 32):
 
     ids = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(seed))
     return ids[:, :-1], ids[:, 1:]
+
+
+def per_step_backward(model, idx, targets, keep_logits: bool = False) -> list[float]:
+    """The step losses, backpropagating each supervision step as soon as it finishes (the
+    launcher's path). Gradients accumulate in .grad; no optimizer step."""
+    y = z = prev = None
+    losses = []
+    for s in range(model.config.N_sup):
+        st = model.supervision_step(idx, y, z, targets, step=s, prev_loss=prev,
+                                    keep_logits=keep_logits)
+        st.objective.backward()
+        y, z, prev = st.y, st.z, st.loss.detach()
+        losses.append(st.loss.item())
+    return losses

@@ -220,7 +220,7 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tiny_config):
     at every step and both fall; the first step's gradients point the same way (cosine > 0.99).
     """
     from model import RecursiveGPT
-    from tests.conftest import per_step_backward
+    from tests.helpers import per_step_backward
 
     cfg = gqa_config(tiny_config)
     seq = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(2))

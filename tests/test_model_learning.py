@@ -14,8 +14,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import per_step_backward
-from tests.helpers import ASSETS, REPO
+from tests.helpers import ASSETS, REPO, per_step_backward
 
 STEPS = 120
 
