@@ -29,7 +29,7 @@ need_preset = $(if $(wildcard configs/presets/$(PRESET).yaml),,$(error unknown P
 need_cloud = $(if $(filter $(CLOUD),aws gcp),,$(error CLOUD must be aws or gcp, got '$(CLOUD)'))$(if $(filter $(GPU),a100 h100),,$(error GPU must be a100 or h100, got '$(GPU)'))
 
 .PHONY: help setup test test-fast lint format train describe eval sample export plot \
-        cluster-up cluster-down dashboard submit resume logs status stop study bench clean
+        cluster-up cluster-down dashboard submit resume logs status stop study bench gpu-check clean
 
 help:  ## this list
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -129,6 +129,10 @@ study: $(STAMP)  ## does the recursion earn its compute? -> bench/STUDY.md, benc
 bench: $(STAMP)  ## speed -> bench/REPORT.md: trainer overhead, cost model, inference, model step, data, GPU path (~15 min)
 	$(BIN)/python bench/report.py bench/overhead.py bench/cost_model.py bench/inference.py \
 		bench/model_step.py bench/data_throughput.py bench/gpu.py $(ARGS)
+
+# A GPU machine's first check: exits 2 without CUDA, 1 if any configuration fails.
+gpu-check: $(STAMP)  ## CUDA only: attention kernel, A and B in bf16 (ZeRO-1, ckpt, compile off/on), MFU, memory, NCCL -> bench/results/gpu.json (<= 8 min)
+	$(BIN)/python bench/gpu.py --check $(ARGS)
 
 clean:  ## remove runs/ and caches
 	rm -rf runs .pytest_cache

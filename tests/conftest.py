@@ -12,6 +12,8 @@ import math
 
 import pytest
 
+from tests.helpers import per_step_backward
+
 # A short English text written for these tests (char-level training needs no tokenizer).
 ENGLISH_TEXT = """\
 The lighthouse keeper climbed the stairs every evening before the sun went down. He carried a
@@ -98,20 +100,6 @@ def reference_attention():
         return out.transpose(1, 2).reshape(B, T, C) @ attn.o.weight.T
 
     return attend
-
-
-def per_step_backward(model, idx, targets, keep_logits: bool = False) -> list[float]:
-    """The step losses, backpropagating each supervision step as soon as it finishes (the
-    launcher's path). Gradients accumulate in .grad; no optimizer step."""
-    y = z = prev = None
-    losses = []
-    for s in range(model.config.N_sup):
-        st = model.supervision_step(idx, y, z, targets, step=s, prev_loss=prev,
-                                    keep_logits=keep_logits)
-        st.objective.backward()
-        y, z, prev = st.y, st.z, st.loss.detach()
-        losses.append(st.loss.item())
-    return losses
 
 
 @pytest.fixture

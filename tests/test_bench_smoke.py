@@ -47,6 +47,35 @@ def test_script_runs_quick_and_writes_its_json(name, results_dir):
     data = json.loads(out.read_text())
     for key in SCRIPTS[name][0] + ["machine", "finished"]:
         assert key in data, key
+    if name == "gpu":  # every configuration ran, bf16, with a kernel and an estimate recorded
+        # A's training config (ZeRO-1, checkpointing), compiled, and ZeRO-3, through DeepSpeed
+        assert [r["config"] for r in data["rows"]] == ["base", "compile", "zero3"]
+        assert [(r["zero"], r["ckpt"], r["compile"]) for r in data["rows"]] == [
+            (1, True, False), (1, True, True), (3, True, False)]
+        for r in data["rows"]:
+            assert "error" not in r, r
+            assert r["precision"] == "bf16" and r["tokens_per_s"] > 0, r
+            assert r["sdpa_kernels"] == ["flash"], r  # the fused kernel, not math
+            assert isinstance(r["mem_estimate_gib"], float), r  # rounds to 0 GiB at this size
+
+
+def test_gpu_bench_fails_when_a_configuration_fails(results_dir):
+    """A configuration that cannot run (a refused config, planted with --set) fails the whole
+    script, though its JSON is still written with the failed row saying why."""
+    out = results_dir.parent / "gpu_failed.json"
+    res = run(["bench/gpu.py", "--configs", "base", "--steps", "1", "--set", "n_kv_head=3",
+               "--json", str(out)])
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "FAILED: A/base" in res.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and "n_kv_head" in rows[0]["error"], rows
+
+
+def test_gpu_check_refuses_a_machine_without_cuda():
+    """`make gpu-check` on this CPU-only machine says so and exits non-zero, measuring nothing."""
+    res = run(["bench/gpu.py", "--check", "--json", os.devnull])
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "no CUDA GPU on this machine" in res.stderr
 
 
 def test_report_renders_what_the_scripts_wrote(results_dir):
@@ -60,8 +89,11 @@ def test_report_renders_what_the_scripts_wrote(results_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     text = (results_dir.parent / "REPORT.md").read_text()
     assert "## Targets" in text
-    if "gpu" in present:
-        assert "pending a GPU machine" in text or "Measured on" in text
+    if "gpu" in present:  # this machine has no GPU: the section must say so, not claim figures
+        gpu = json.loads((results_dir / "gpu.json").read_text())
+        assert not gpu["cuda"]
+        assert "pending a GPU machine" in text and "Measured on" not in text
+        assert f"All {len(gpu['rows'])} configurations ran." in text
     if "cost_model" in present:
         assert (results_dir.parent / "cost_model.png").exists()
 

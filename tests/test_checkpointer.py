@@ -56,3 +56,32 @@ def test_a_pickle_naming_arbitrary_code_is_refused(ck, tmp_path):
     torch.save({"x": Evil()}, Path(ck.root) / "step_00000004" / "trmgpt" / "rank_00000.pt")
     with pytest.raises(ValueError, match="refusing to load"):
         ck.find("latest")
+
+
+def test_deepspeeds_own_load_path_refuses_the_pickle_too(tmp_path):
+    """The engine's checkpoint engine (what DeepSpeed calls for every *_states.pt it loads), not
+    only the pre-scan: a pickle naming a callable is refused, and nothing runs. Positive control:
+    a file holding DeepSpeed's own record types (an enum, a tensor) loads."""
+    import pickle
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from launcher.engine.safe_load import SafeTorchCheckpointEngine
+
+    ran = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (ran,))
+
+    bad, good = tmp_path / "bad_model_states.pt", tmp_path / "good_model_states.pt"
+    torch.save({"module": Evil()}, bad)
+    torch.save({"module": {"w": torch.ones(2)}, "zero_stage": ZeroStageEnum.optimizer_states},
+               good)
+    engine = SafeTorchCheckpointEngine(None)
+    with pytest.raises(pickle.UnpicklingError):
+        engine.load(str(bad), map_location="cpu")
+    assert not ran.exists(), "the pickle's callable ran"
+    loaded = engine.load(str(good), map_location="cpu")
+    assert torch.equal(loaded["module"]["w"], torch.ones(2))
+    assert loaded["zero_stage"] == ZeroStageEnum.optimizer_states

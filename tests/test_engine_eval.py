@@ -52,13 +52,26 @@ def run_dir(tmp_path_factory) -> Path:
     return root
 
 
+def ema_model_by_hand(run_dir: Path):
+    """(run config, model) with the EMA weights read straight from the rank file the fixture
+    wrote, not through launcher.engine.export.load_model (the code under test)."""
+    from launcher.engine.config import RunConfig
+    from model import RecursiveGPT
+
+    run = RunConfig.load(run_dir / "config.json")
+    model = RecursiveGPT(run.model)
+    ema = torch.load(run_dir / "checkpoints" / "step_00000001" / "trmgpt" / "rank_00000.pt",
+                     weights_only=True)["ema"]
+    model.load_state_dict(ema)
+    return run, model.eval()
+
+
 def reference(run_dir: Path) -> tuple[list[float], float, int]:
     """Step losses and bits per byte computed by hand, with the whole forward kept."""
     from data_pipeline import DataSpec, build_loader, load_tokenizer
     from launcher.engine.evaluate import token_bytes
-    from launcher.engine.export import load_model
 
-    run, model = load_model(run_dir, "ema")
+    run, model = ema_model_by_hand(run_dir)
     tok = load_tokenizer(run.train.tokenizer)
     nbytes_of = token_bytes(tok)
     loader = build_loader(DataSpec.parse(run.train.data), tok, split="val", batch_size=BATCH,
@@ -123,7 +136,18 @@ def test_eval_holds_one_steps_logits_at_a_time(run_dir):
 
 
 def test_sample_runs_on_the_run_weights(run_dir):
+    from data_pipeline import load_tokenizer
     from launcher.engine.offline import sample
+    from model import RecursiveGPT
 
     out = sample(str(run_dir), "ROMEO:", max_new_tokens=4, temperature=0)
-    assert out.startswith("ROMEO:")
+    # greedy decoding of the run's EMA weights, by hand: the same text
+    run, model = ema_model_by_hand(run_dir)
+    tok = load_tokenizer(run.train.tokenizer)
+    idx = torch.tensor([tok.encode("ROMEO:")])
+    want = tok.decode(model.generate(idx, 4, temperature=0)[0].tolist())
+    assert out == want, (out, want)
+    # and other weights would have said something else
+    torch.manual_seed(1)
+    other = RecursiveGPT(run.model)
+    assert tok.decode(other.generate(idx, 4, temperature=0)[0].tolist()) != want

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.helpers import SMALL_TINY, random_batch
 
 STEPS = 10
 CASES = [  # (zero stage, update mode, activation checkpointing)
@@ -31,34 +32,50 @@ def losses_for_cases(cases: list[tuple[int, str, str]]) -> dict:
     info = init_distributed()
     out = {}
     for stage, mode, ac in cases:
-        over = {"zero_stage": stage, "update_mode": mode, "sequence_len": 32,
-                "device_batch_size": 2, "vocab_size": 256, "warmup_steps": 2,
+        over = {**SMALL_TINY, "zero_stage": stage, "update_mode": mode, "warmup_steps": 2,
                 "max_steps": STEPS, "activation_checkpointing": ac != "off",
                 "checkpoint_impl": "torch" if ac == "off" else ac}
         run = resolve("tiny", over, world_size=info.world_size)
         engine, model, _, _ = parallelize(run, info.world_size)
         # each rank its own batch, the same every step: the loss must fall, so updates matter
-        gen = torch.Generator().manual_seed(100 + info.rank)
-        seq = torch.randint(0, 256, (2, 33), generator=gen)
+        batch = random_batch(100 + info.rank)
         losses = []
         for _ in range(STEPS):
-            step_losses, ok = train_step(engine, [(seq[:, :-1], seq[:, 1:])], run.model.N_sup,
-                                         mode)
+            step_losses, ok = train_step(engine, [batch], run.model.N_sup, mode)
             assert ok
             losses.append(step_losses)
         # a poisoned batch (NaN objective) must leave the weights exactly as they were
-        before = probe_loss(engine, seq)
-        _, ok = train_step(engine, [(seq[:, :-1], seq[:, 1:])], run.model.N_sup, mode,
-                           nan_at_step=True)
-        out[f"nan/{stage}/{mode}/{ac}"] = [ok, before, probe_loss(engine, seq)]
+        before = probe_loss(engine, batch)
+        _, ok = train_step(engine, [batch], run.model.N_sup, mode, nan_at_step=True)
+        out[f"nan/{stage}/{mode}/{ac}"] = [ok, before, probe_loss(engine, batch)]
         out[f"{stage}/{mode}/{ac}"] = losses  # plain lists: tensors would not outlive the worker
+        out[f"weights/{stage}/{mode}/{ac}"] = weights_digest(model, stage)
         del engine
     return out
 
 
-def probe_loss(engine, seq: torch.Tensor) -> float:
+def weights_digest(model, stage: int) -> str:
+    """sha256 of every parameter's bytes, in name order; under ZeRO-3 the full parameters,
+    gathered from their partitions (every rank takes part in the gather)."""
+    import contextlib
+    import hashlib
+
+    import deepspeed
+
+    params = list(model.named_parameters())
+    gather = (deepspeed.zero.GatheredParameters([p for _, p in params]) if stage == 3
+              else contextlib.nullcontext())
+    h = hashlib.sha256()
+    with gather:
+        for name, p in sorted(params):
+            h.update(name.encode())
+            h.update(p.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def probe_loss(engine, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
     with torch.no_grad():
-        _, loss, _, _ = engine(seq[:, :-1], None, None, seq[:, 1:], 0, None)
+        _, loss, _, _ = engine(batch[0], None, None, batch[1], 0, None)
     return loss.item()
 
 
@@ -73,14 +90,11 @@ def test_zero_stages_match_plain_data_parallel(results, mode):
     rank0 = results[0]
     ref = torch.tensor(rank0[f"0/{mode}/off"], dtype=torch.float64)
     assert ref[-1].mean() < ref[0].mean() - 0.1, "training did not move the loss"
-    compared = 0
-    for key, losses in rank0.items():
-        if key.startswith("nan/") or key.split("/")[1] != mode:
-            continue
-        got = torch.tensor(losses, dtype=torch.float64)
+    others = [f"{stage}/{m}/{ac}" for stage, m, ac in CASES if m == mode and stage != 0]
+    assert len(others) == (5 if mode == "accumulate" else 3)
+    for key in others:
+        got = torch.tensor(rank0[key], dtype=torch.float64)
         torch.testing.assert_close(got, ref, rtol=0, atol=2e-5, msg=lambda m, k=key: f"{k}: {m}")
-        compared += 1
-    assert compared >= 4
 
 
 @pytest.mark.slow
@@ -89,8 +103,15 @@ def test_modes_differ_and_ranks_agree(results):
     a = torch.tensor(results[0]["0/accumulate/off"])
     p = torch.tensor(results[0]["0/per_step/off"])
     assert not torch.allclose(a[1:], p[1:])
-    # every rank computed its own data but the same weights: losses differ, both finite
-    assert results[0]["2/accumulate/off"] != results[1]["2/accumulate/off"]
+    # every rank trained on its own data (so its losses differ) and yet ends with bit-identical
+    # weights, under every stage and mode: the gradient reduction (and ZeRO's all-gather of the
+    # updated partitions) reached every parameter on every rank
+    for stage, mode, ac in CASES:
+        assert results[0][f"{stage}/{mode}/{ac}"] != results[1][f"{stage}/{mode}/{ac}"]
+        key = f"weights/{stage}/{mode}/{ac}"
+        assert results[0][key] == results[1][key], f"ranks hold different weights: {key}"
+    # and training moved them: the two modes end on different weights
+    assert results[0]["weights/0/accumulate/off"] != results[0]["weights/0/per_step/off"]
 
 
 @pytest.mark.slow

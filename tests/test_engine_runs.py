@@ -11,7 +11,6 @@ DeepSpeed, 1 or 2 processes over gloo, the pre-tokenized test corpus.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,30 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "tests" / "assets" / "shakespeare"
+from tests.helpers import REPO, assets_spec, product_env, read_metrics, run_launcher
+
 SMALL = ["--preset", "tiny", "--set", "sequence_len=64", "--set", "device_batch_size=2",
          "--set", "log_every=1", "--set", "eval_every=1000", "--set", "warmup_steps=3",
          "--set", "checkpoint_every=5", "--set", "eval_batches=1"]
 
 pytestmark = pytest.mark.slow
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled",
-         "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
-    e.pop("TRMGPT_FAULTS", None)
-    e.update(extra)
-    return e
-
-
-def launcher(*args: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env(**extra_env),
-                         capture_output=True, text=True, timeout=900)
-    if check and res.returncode != 0:
-        raise AssertionError(f"launcher {' '.join(args)} failed ({res.returncode}):\n"
-                             f"{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
-    return res
+launcher = run_launcher
+metrics = read_metrics
 
 
 def train(run_dir: Path, data: Path, *extra: str, workers: int = 1, check: bool = True,
@@ -52,21 +36,15 @@ def train(run_dir: Path, data: Path, *extra: str, workers: int = 1, check: bool 
                     "--workers", str(workers), *extra, check=check, **extra_env)
 
 
-def metrics(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "loss" in r}
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """The test plays, tokenized by the pipeline into megatron shards (global sample order)."""
     root = tmp_path_factory.mktemp("data")
-    spec = root / "spec.yaml"
-    spec.write_text(f"name: assets\nsources:\n  - path: {ASSETS}/train/*.txt\n"
-                    f"val_sources:\n  - path: {ASSETS}/val/*.txt\n")
+    spec = assets_spec(root)
     out = root / "tok"
     res = subprocess.run([sys.executable, "-m", "data_pipeline", "tokenize", "--data", str(spec),
-                          "--out", str(out), "--workers", "0", "--quiet"], cwd=REPO, env=env(),
+                          "--out", str(out), "--workers", "0", "--quiet"], cwd=REPO,
+                         env=product_env(),
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
@@ -78,11 +56,8 @@ def runs(tmp_path_factory, data) -> dict[str, Path]:
     one: the same 10-step checkpoint resumed on 1 rank with the same global batch."""
     root = tmp_path_factory.mktemp("runs")
     straight, split, one = root / "straight", root / "split", root / "one"
-    # improvement reward off: relu(L_s - L_{s-1}) has a kink, and late supervision steps of
-    # tiny tie to ~1e-6, so the ~1e-7 rounding difference of another world size can flip a
-    # penalty on or off and move the 2 -> 1 rank comparison by 1e-4 (seen after a schedule
-    # change moved the ties); without it the objective is smooth and the runs agree to 1e-6
-    common = ("--max-steps", "20", "--zero", "2", "--set", "improvement_reward_scale=0")
+    # the default objective, improvement reward on
+    common = ("--max-steps", "20", "--zero", "2")
     train(straight, data, *common, workers=2)
     train(split, data, *common, "--stop-after", "10", workers=2)
     shutil.copytree(split, one)
@@ -125,7 +100,7 @@ def test_zero_to_fp32_equals_export_raw(tmp_path, data):
     ckpt = run / "checkpoints"
     out = tmp_path / "consolidated"
     res = subprocess.run([sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out),
-                          "--tag", "step_00000003"], cwd=REPO, env=env(),
+                          "--tag", "step_00000003"], cwd=REPO, env=product_env(),
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     files = sorted(out.glob("*.bin")) + sorted(out.glob("*.safetensors")) if out.is_dir() else []
@@ -171,7 +146,12 @@ def test_killed_while_saving_is_never_resumed(tmp_path, data):
     # the finished run serves eval, sample and plot
     res = launcher("eval", "--run-dir", str(run), "--batches", "2")
     ev = json.loads(res.stdout[res.stdout.index("{"):])
-    assert len(ev["val_step_losses"]) == 4 and 0 < ev["val_bpb"] < 20
+    # held-out loss of the EMA weights near the last training losses (within 25%: a 14-step
+    # run neither overfits nor lags far behind its EMA), one per supervision step
+    assert len(ev["val_step_losses"]) == 4 and ev["val_bpb"] > 0
+    last = rows[14]["step_losses"]
+    for got, train_loss in zip(ev["val_step_losses"], last, strict=True):
+        assert abs(got - train_loss) < 0.25 * train_loss, (ev["val_step_losses"], last)
     res = launcher("sample", "--run-dir", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "8")
     assert res.stdout.startswith("ROMEO:")
     launcher("plot", "--run-dir", str(run))

@@ -8,24 +8,19 @@ that reached the cluster would fail with "no Ray cluster answers"; these fail on
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, run_make
+
 NO_CLUSTER = "http://127.0.0.1:9"
 
 
 def make(*args: str, dry: bool = False, **env: str) -> subprocess.CompletedProcess:
-    # -o: treat the install stamp as up to date (this checkout's venv is already installed)
-    cmd = ["make", "--no-print-directory", "-o", ".venv/.installed", *(["-n"] if dry else []),
-           *args]
-    e = {**os.environ, "RAY_ADDRESS": NO_CLUSTER, "HOME": os.environ.get("HOME", "/tmp"), **env}
-    e.pop("RAY_API_SERVER_ADDRESS", None)
-    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=120)
+    return run_make(*args, dry=dry, **{"RAY_ADDRESS": NO_CLUSTER, "RAY_API_SERVER_ADDRESS": None,
+                                       **env})
 
 
 def phony_targets() -> list[str]:
@@ -36,7 +31,9 @@ def phony_targets() -> list[str]:
 
 DRY = {  # target -> (variables, what its command line must contain)
     "help": ([], "awk"),
-    "setup": ([], ""),
+    # -B: the recipe itself (the install stamp is up to date here): torch pinned in the same
+    # pip command as the project, so nothing pulls another torch
+    "setup": (["-B"], "pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev]'"),
     "test": ([], "pytest -q -n 2 --dist loadfile --durations=15 tests"),
     "test-fast": ([], 'pytest -q -n 2 --dist loadfile -m "not slow" tests'),
     "lint": ([], "ruff check ."),
@@ -59,6 +56,7 @@ DRY = {  # target -> (variables, what its command line must contain)
     "stop": (["RUN=B-1"], "python -m launcher stop --run B-1"),
     "study": ([], "bench/recursion_study.py --steps 180"),
     "bench": ([], "bench/model_step.py"),
+    "gpu-check": ([], "bench/gpu.py --check"),
     "clean": ([], "rm -rf runs"),
 }
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "tests" / "assets" / "shakespeare"
+from tests.helpers import ASSETS, REPO, per_step_backward
+
 STEPS = 120
 
 
@@ -70,12 +69,7 @@ def test_tiny_learns_on_the_excerpts():
         starts = torch.randint(0, len(train) - T - 1, (B,), generator=gen)
         idx = torch.stack([data[s: s + T] for s in starts])
         tgt = torch.stack([data[s + 1: s + T + 1] for s in starts])
-        y = z = prev = None
-        for s in range(c.N_sup):  # the trainer's per-step backward (accumulate mode)
-            st = model.supervision_step(idx, y, z, tgt, step=s, prev_loss=prev,
-                                        keep_logits=False)
-            st.objective.backward()
-            y, z, prev = st.y, st.z, st.loss.detach()
+        per_step_backward(model, idx, tgt)  # the trainer's per-step backward (accumulate)
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

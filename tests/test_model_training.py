@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import per_step_backward
 
 from model import GPTConfig, RecursiveGPT
+from tests.helpers import per_step_backward
 
 FACTOR = 4.0  # "within a small factor": last-step RMS of y and z vs first-step RMS
 

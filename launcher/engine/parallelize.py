@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 from typing import Any
@@ -166,8 +167,14 @@ def parallelize(run: RunConfig, world_size: int, load_universal: bool = False):
         model.stack.compile()
     opt = build_optimizer(model, run)
     sched = build_scheduler(opt, run)
+    # DeepSpeed puts the engine on cuda:LOCAL_RANK unless told a device; Ray Train makes its
+    # worker's own GPU current (ray.train.torch.get_device()), which need not be that index
+    # within CUDA_VISIBLE_DEVICES: follow the current device, so the engine and every tensor
+    # made on launcher.engine.dist.device() agree
+    args = (argparse.Namespace(device_rank=torch.cuda.current_device())
+            if torch.cuda.is_available() else None)
     engine, opt, _, sched = deepspeed.initialize(
-        model=SupervisionStepModule(model), optimizer=opt, lr_scheduler=sched, config=ds_cfg,
-        dist_init_required=False)
+        args=args, model=SupervisionStepModule(model), optimizer=opt, lr_scheduler=sched,
+        config=ds_cfg, dist_init_required=False)
     engine.checkpoint_engine = SafeTorchCheckpointEngine(engine._config)  # zip format, as its own
     return engine, model, opt, sched

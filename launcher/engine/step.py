@@ -44,8 +44,10 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
     order = ([(i, s) for i in range(len(batches)) for s in range(n_sup)]
              if update_mode == "accumulate" else
              [(i, s) for s in range(n_sup) for i in range(len(batches))])
+    # each micro-batch goes to the device once, not once per supervision step
+    batches = [(to_device(idx, device), to_device(tgt, device)) for idx, tgt in batches]
     for i, s in order:
-        idx, tgt = (t.to(device, non_blocking=True) for t in batches[i])
+        idx, tgt = batches[i]
         y, z, prev = states[i]
         objective, loss, y, z = engine(idx, y, z, tgt, s, prev)
         if nan_at_step and s == 0:
@@ -67,6 +69,15 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
         states[i] = (y, z, loss.detach())
         step_losses[s] += loss.item() / len(batches)
     return step_losses, ok
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto the device without stalling the host: on CUDA, copied from pinned
+    memory with non_blocking (from pageable memory the copy waits for every kernel already
+    queued, so the host could not run ahead of the GPU). Elsewhere a plain .to()."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device)
 
 
 @contextmanager
