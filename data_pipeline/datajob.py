@@ -224,6 +224,7 @@ def run_task(task: dict, tok: Tokenizer, out: str) -> dict:
     from .pretok import megatron_datasets
 
     indexed = megatron_datasets()[0]
+    t0 = time.perf_counter()
     dtype = indexed.DType.optimal_dtype(tok.vocab_size)
     fs, root, local = _storage(out)
     counts = {"docs": 0, "tokens": 0, "skipped": {}}
@@ -241,11 +242,13 @@ def run_task(task: dict, tok: Tokenizer, out: str) -> dict:
                 counts["tokens"] += len(doc)
 
         texts: list[str] = []
+        chars = 0
         for rec in task_records(task):
             if rec["skip"]:
                 counts["skipped"][rec["skip"]] = counts["skipped"].get(rec["skip"], 0) + 1
                 continue
             texts.append(rec["text"])
+            chars += len(rec["text"])
             if len(texts) == ENCODE_BATCH:
                 flush(texts)
                 texts = []
@@ -254,10 +257,13 @@ def run_task(task: dict, tok: Tokenizer, out: str) -> dict:
         builder.finalize(idx_path)
         marker = {"prefix": task["prefix"], **counts, "dtype": np.dtype(dtype).name,
                   "bin_bytes": os.path.getsize(bin_path), "idx_bytes": os.path.getsize(idx_path),
-                  "tokenizer_sha256": tok.sha256}
+                  "tokenizer_sha256": tok.sha256, "chars": chars}
         for path in (bin_path, idx_path):
             _commit(fs, local, path, f"{root}/{os.path.basename(path)}")
         done = os.path.join(tmp, task["prefix"] + ".done.json")
+        # Seconds of this task (read, tokenize, write, upload) for throughput; not part of the
+        # shard's bytes.
+        marker["seconds"] = round(time.perf_counter() - t0, 4)
         with open(done, "w") as f:
             json.dump(marker, f, sort_keys=True)
         _commit(fs, local, done, f"{root}/{task['prefix']}.done.json")  # the commit point
@@ -453,6 +459,10 @@ def build_manifest(spec: DataSpec, tok: Tokenizer, tasks: list[dict], done: dict
             "shards_made_this_run": len(made),
             "seconds": round(seconds, 3),
             "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
+            # per worker CPU: tokens over the summed seconds of the tasks (fixed start-up costs
+            # of Ray and its workers left out)
+            "tokens_per_task_s": round(new_tokens / max(sum(m.get("seconds", 0) for m in made),
+                                                        1e-9), 1),
             "engine": engine,
         },
     }
