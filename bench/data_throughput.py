@@ -67,8 +67,8 @@ def _loader_rate(loader) -> tuple[float, int, float]:
     return tokens / seconds, tokens, seconds
 
 
-def fineweb_section(tok_path: str, workers: int, vocab: int, files: int,
-                    quick: bool, rows_per_shard: int = 1024) -> tuple[list[tuple[str, float, str]], dict]:
+def fineweb_section(tok_path: str, workers: int, vocab: int, files: int, quick: bool,
+                    rows_per_shard: int = 1024) -> tuple[list[tuple[str, float, str]], dict]:
     """Rows (label, rate, notes) and figures of make tokenizer / make data against raw HF."""
     import glob
     import subprocess
