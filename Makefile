@@ -74,7 +74,7 @@ need_data = $(if $(strip $(DATA)),,$(error DATA is missing: make $@ DATA=<spec> 
 need_vocab = $(if $(shell [[ "$(VOCAB)" =~ ^[1-9][0-9]*$$ ]] && echo ok),,$(error VOCAB must be a whole number (the vocabulary size, e.g. 50304), got '$(VOCAB)'))
 need_tokenizer = $(if $(strip $(TOKENIZER)),,$(error TOKENIZER is missing: make data DATA=<spec> TOKENIZER=<folder of tokenizer.json> (make tokenizer makes one)))
 
-tokenizer: $(STAMP)  ## byte-level BPE on a sample of a data set: DATA=<spec> VOCAB=<n> [OUT= SAMPLE=<bytes>] (default OUT $$STORAGE/tokenizers/<name>-<vocab>)
+tokenizer: $(STAMP)  ## byte-level BPE on a sample of a data set: DATA=<spec> VOCAB=<n> [OUT= SAMPLE=<bytes>] (default OUT: STORAGE/tokenizers/<name>-<vocab>)
 	$(need_data)$(need_vocab)
 	HF_HUB_OFFLINE=$(DATA_HUB_OFFLINE) HF_DATASETS_OFFLINE=$(DATA_HUB_OFFLINE) $(BIN)/python -m data_pipeline tokenizer train --data $(DATA) --vocab $(VOCAB) --sample-bytes $(SAMPLE) $(if $(strip $(OUT)),--out $(OUT)) $(ARGS)
 

@@ -265,3 +265,24 @@ def test_training_reads_the_shards_from_the_bucket_on_two_workers(bucket_corpus,
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 2
     assert any("val_bpb" in r for r in rows)
+
+
+def _make_n(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_make_targets_show_their_commands_and_refuse_missing_variables():
+    res = _make_n("-n", "tokenizer", "DATA=configs/data/fineweb-edu-10BT.yaml", "VOCAB=50304")
+    assert res.returncode == 0, res.stderr
+    assert ("python -m data_pipeline tokenizer train --data configs/data/fineweb-edu-10BT.yaml "
+            "--vocab 50304 --sample-bytes 1e9") in res.stdout
+    res = _make_n("-n", "data", "DATA=d.yaml", "TOKENIZER=t", "OUT=s3://b/x", "WORKERS=4")
+    assert "python -m data_pipeline data --data d.yaml --tokenizer t --out s3://b/x --workers 4" \
+        in res.stdout
+    for args, msg in ((["tokenizer", "VOCAB=8"], "DATA is missing"),
+                      (["tokenizer", "DATA=x"], "VOCAB must be a whole number"),
+                      (["data", "DATA=x"], "TOKENIZER is missing")):
+        res = _make_n(*args)
+        assert res.returncode != 0 and msg in res.stderr, res.stderr
+    assert "make tokenizer" in _make_n("help").stdout
