@@ -286,3 +286,20 @@ def test_make_targets_show_their_commands_and_refuse_missing_variables():
         res = _make_n(*args)
         assert res.returncode != 0 and msg in res.stderr, res.stderr
     assert "make tokenizer" in _make_n("help").stdout
+
+
+def test_shards_shorter_than_a_sample_are_left_out_not_fatal(local_corpus, tmp_path, capsys,
+                                                             module_cache):
+    from data_pipeline import build_loader
+
+    _, spec, tok, _ = local_corpus
+    out = str(tmp_path / "d")
+    m = run_job(spec, tok, out, workers=0, rows_per_shard=ROWS_PER_SHARD, progress=False)
+    sizes = sorted(e["tokens"] for e in m["train"])
+    seq = (sizes[0] + sizes[-1]) // 2  # longer than the shortest shard, shorter than the longest
+    loader = build_loader(out, tok, split="train", batch_size=1, seq_len=seq)  # megatron asserts
+    kept = sum(1 for t in sizes if t >= seq + 2)
+    assert len(loader.sources) == kept < len(sizes)
+    assert "are left out" in capsys.readouterr().out
+    x, _ = next(iter(loader))
+    assert x.shape == (1, seq)
