@@ -303,3 +303,15 @@ def test_shards_shorter_than_a_sample_are_left_out_not_fatal(local_corpus, tmp_p
     assert "are left out" in capsys.readouterr().out
     x, _ = next(iter(loader))
     assert x.shape == (1, seq)
+
+
+def test_make_describe_prints_the_recipe_cost_and_what_is_missing(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "STORAGE": str(tmp_path)}
+    res = subprocess.run(["make", "--no-print-directory", "describe", "PRESET=B", "NODES=4"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "recipe B: 3.50B tokens" in out and "MFU is an ASSUMPTION" in out
+    for name in ("p4d.24xlarge", "p5.48xlarge", "a2-highgpu-8g", "a3-highgpu-8g"):
+        assert name in out
+    assert "inputs: NOT READY" in out and "make tokenizer DATA=configs/data/" in out
