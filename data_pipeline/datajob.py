@@ -534,11 +534,15 @@ def submit_data_job(argv: list[str], address: str) -> str:
     tasks over every node. Returns the submission id."""
     from ray.job_submission import JobSubmissionClient
 
-    from .corpus import cache_dir  # noqa: F401  (the package must import on the head too)
-
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = " ".join(shlex.quote(a) for a in ["python", "-m", "data_pipeline", "data", *argv])
-    client = JobSubmissionClient(address)
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as e:  # refused, unreachable, auth: one line naming where we looked
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"no Ray cluster answers at RAY_ADDRESS={address} ({first}); open the "
+                         "tunnel with `make dashboard`, or unset RAY_ADDRESS to run on this "
+                         "machine's Ray") from None
     env = {"RAY_ADDRESS": "auto", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
            "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "0")}
     return client.submit_job(

@@ -315,3 +315,13 @@ def test_make_describe_prints_the_recipe_cost_and_what_is_missing(tmp_path):
     for name in ("p4d.24xlarge", "p5.48xlarge", "a2-highgpu-8g", "a3-highgpu-8g"):
         assert name in out
     assert "inputs: NOT READY" in out and "make tokenizer DATA=configs/data/" in out
+
+
+def test_make_data_with_a_job_api_address_that_nobody_answers_is_refused(tmp_path):
+    from launcher.engine.dist import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}"}
+    res = subprocess.run([sys.executable, "-m", "data_pipeline", "data", "--data", "x.yaml",
+                          "--tokenizer", "t"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "no Ray cluster answers at RAY_ADDRESS=http://" in res.stderr
