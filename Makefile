@@ -28,7 +28,7 @@ need_workers = $(if $(shell [[ "$(WORKERS)" =~ ^[1-9][0-9]*$$ ]] && echo ok),,$(
 need_preset = $(if $(wildcard configs/presets/$(PRESET).yaml),,$(error unknown PRESET '$(PRESET)'; choose one of: $(basename $(notdir $(wildcard configs/presets/*.yaml)))))
 need_cloud = $(if $(filter $(CLOUD),aws gcp),,$(error CLOUD must be aws or gcp, got '$(CLOUD)'))$(if $(filter $(GPU),a100 h100),,$(error GPU must be a100 or h100, got '$(GPU)'))
 
-.PHONY: help setup test test-fast lint format train describe eval sample export plot \
+.PHONY: help setup test test-fast lint format train describe eval sample export plot tokenizer data \
         cluster-up cluster-down dashboard submit resume logs status stop study bench gpu-check clean
 
 help:  ## this list
@@ -69,7 +69,26 @@ train: $(STAMP)  ## train on this machine through a local Ray (tiny by default):
 	$(need_preset)$(need_workers)
 	$(BIN)/python -m launcher train --ray --preset $(PRESET) --workers $(WORKERS) $(if $(strip $(RUN)),--run-dir $(RUN_DIR)) $(ARGS)
 
-describe: $(STAMP)  ## dry run: config, params, depths, FLOPs/token, memory per GPU: [PRESET= NODES= ARGS=]
+# The data targets read the hub (hf:// specs) unless HF_HUB_OFFLINE=1 is given for them.
+DATA ?=
+VOCAB ?=
+TOKENIZER ?=
+OUT ?=
+SAMPLE ?= 1e9
+DATA_HUB_OFFLINE ?= 0
+need_data = $(if $(strip $(DATA)),,$(error DATA is missing: make $@ DATA=<spec> (configs/data/*.yaml, a path, glob or URL)))
+need_vocab = $(if $(shell [[ "$(VOCAB)" =~ ^[1-9][0-9]*$$ ]] && echo ok),,$(error VOCAB must be a whole number (the vocabulary size, e.g. 50304), got '$(VOCAB)'))
+need_tokenizer = $(if $(strip $(TOKENIZER)),,$(error TOKENIZER is missing: make data DATA=<spec> TOKENIZER=<folder of tokenizer.json> (make tokenizer makes one)))
+
+tokenizer: $(STAMP)  ## byte-level BPE on a sample of a data set: DATA=<spec> VOCAB=<n> [OUT= SAMPLE=<bytes>] (default OUT: STORAGE/tokenizers/<name>-<vocab>)
+	$(need_data)$(need_vocab)
+	HF_HUB_OFFLINE=$(DATA_HUB_OFFLINE) HF_DATASETS_OFFLINE=$(DATA_HUB_OFFLINE) $(BIN)/python -m data_pipeline tokenizer train --data $(DATA) --vocab $(VOCAB) --sample-bytes $(SAMPLE) $(if $(strip $(OUT)),--out $(OUT)) $(ARGS)
+
+data: $(STAMP)  ## pre-tokenize into megatron shards, resumable, with Ray Data (a Ray job if RAY_ADDRESS is http://...): DATA=<spec> TOKENIZER=<path> [OUT= WORKERS=]
+	$(need_data)$(need_tokenizer)
+	HF_HUB_OFFLINE=$(DATA_HUB_OFFLINE) HF_DATASETS_OFFLINE=$(DATA_HUB_OFFLINE) $(BIN)/python -m data_pipeline data --data $(DATA) --tokenizer $(TOKENIZER) $(if $(strip $(OUT)),--out $(OUT)) $(if $(filter command line,$(origin WORKERS)),--workers $(WORKERS)) $(ARGS)
+
+describe: $(STAMP)  ## dry run: config, params, FLOPs, memory; a recipe's tokens, time and GPU-hours on p4d/p5/a2/a3: [PRESET= NODES= ARGS=]
 	$(need_preset)$(need_nodes)
 	$(BIN)/python -m launcher describe --preset $(PRESET) --nodes $(NODES) $(ARGS)
 

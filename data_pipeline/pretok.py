@@ -446,6 +446,7 @@ class PretokLoader:
         self.sources = spec.sources if split == "train" else spec.val_sources
         if not self.sources:
             raise ValueError(f"tokenized data {spec.name!r} has no {split} shards")
+        self.sources = self._drop_short_shards(self.sources)
         self._check_tokenizer()
         self.dataset = self._build()
         self.total = len(self.dataset) if num_samples is None else num_samples
@@ -457,6 +458,22 @@ class PretokLoader:
         self.consumed = 0
         self.rebudgeted: tuple[int, int] | None = None  # (saved, now) sample budget on resume
         self._torch = torch
+
+    def _drop_short_shards(self, sources: list[Source]) -> list[Source]:
+        """Shards shorter than one sample (seq_len + 1 tokens): megatron's GPTDataset cannot
+        index them (it asserts). `make data` writes one shard per file or row-group range, so a
+        held-out split spread thin over many files, or a file's last row groups, can make one;
+        its few documents are left out of this split (same ones every run at this seq_len)."""
+        entries = {e["prefix"]: e for e in (self.spec.manifest or {}).get(self.split, [])}
+        keep = [s for s in sources
+                if (e := entries.get(os.path.basename(s.path))) is None
+                or e["tokens"] >= self.seq_len + 2]
+        if keep and len(keep) < len(sources) and self.rank == 0:
+            left = [os.path.basename(s.path) for s in sources if s not in keep]
+            print(f"note: {len(left)} {self.split} shard(s) of {self.spec.name!r} hold fewer "
+                  f"than {self.seq_len + 2} tokens and are left out: {', '.join(left[:5])}"
+                  f"{' ...' if len(left) > 5 else ''}", flush=True)
+        return keep or sources
 
     def _check_tokenizer(self) -> None:
         info = (self.spec.manifest or {}).get("tokenizer")

@@ -58,11 +58,28 @@ class Tokenizer:
     def to_str(self) -> str:
         return self.tok.to_str()
 
-    def save(self, out_dir: str | os.PathLike) -> str:
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "tokenizer.json")
-        self.tok.save(path)
-        return path
+    def save(self, out_dir: str | os.PathLike, info: dict | None = None) -> str:
+        """Write `tokenizer.json` (and `info` as `tokenizer_info.json`) into a local folder or
+        any fsspec URL (s3://, gs://); each file appears whole or not at all."""
+        import json
+
+        import fsspec
+
+        out = os.fspath(out_dir).rstrip("/")
+        fs, root = fsspec.core.url_to_fs(out)
+        fs.makedirs(root, exist_ok=True)
+        files = {"tokenizer.json": self.tok.to_str(pretty=True)}
+        if info is not None:
+            files["tokenizer_info.json"] = json.dumps(info, indent=1, sort_keys=True) + "\n"
+        for name, text in files.items():
+            dest = f"{root}/{name}"
+            protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+            tmp = f"{dest}.tmp-{os.getpid()}" if "file" in protocols else dest
+            with fs.open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            if tmp != dest:
+                os.replace(tmp, dest)
+        return f"{out}/tokenizer.json"
 
     def __repr__(self) -> str:
         return (f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size}, "
@@ -80,7 +97,9 @@ def load_tokenizer(path_or_dir: str | os.PathLike) -> Tokenizer:
         with fsspec.open(path, "rt", encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"tokenizer not found: {path}") from None
+        raise FileNotFoundError(
+            f"tokenizer not found: {path} (train one with `make tokenizer DATA=<spec> "
+            f"VOCAB=<n> OUT={os.path.dirname(path)}`)") from None
     return Tokenizer(HFTokenizer.from_str(text), path)
 
 

@@ -63,12 +63,21 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    global_batch_tokens: int = 0
+    """Recipes: the global batch in tokens; sets global_batch_size = this / sequence_len (when
+    global_batch_size is not given)."""
     # schedule
     max_steps: int = 1000
-    """Training batches (one optimizer step each in accumulate mode)."""
+    """Training batches (one optimizer step each in accumulate mode). A recipe with a
+    token_budget derives it (token_budget / tokens per batch) unless it is given."""
+    token_budget: int = 0
+    """Recipes: training tokens; 0 = max_steps decides."""
     warmup_steps: int = 100
     warmdown: Literal["constant", "cosine", "linear"] = "cosine"
-    """Shape after warm-up: stay constant, or decay over the last warmdown_frac of training."""
+    """Shape after warm-up: stay constant, or decay over the last warmdown_frac of training.
+    linear with a small warmdown_frac is warmup-stable-decay (WSD): the lr stays at its peak
+    until the last warmdown_frac, so a run resumed with a larger max_steps before its decay
+    began continues on the same schedule (launcher/jobs/cli.py lr_note)."""
     warmdown_frac: float = 0.5
     final_lr_frac: float = 0.1
     # EMA, eval, checkpoints, logging
@@ -88,9 +97,18 @@ class TrainConfig:
     """Peak FLOP/s of one device for MFU; 0 = look up the GPU, none on CPU."""
     # data
     data: str = "shakespeare"
-    """Data spec: a name, path/glob/URL, spec file, or a pre-tokenized directory."""
+    """Data spec: a name, path/glob/URL, spec file, or a pre-tokenized directory. `$STORAGE/...`
+    is under $TRMGPT_STORAGE, $STORAGE or the repo's storage/ folder."""
     data_path: Literal["auto", "stream", "pretok"] = "auto"
+    data_spec: str = ""
+    """Recipes: the raw corpus (configs/data/*.yaml) `make data` tokenizes into `data`."""
     tokenizer: str = "configs/tokenizers/shakespeare-4k"
+    """The tokenizer folder (or tokenizer.json); the model's vocab_size follows it (padded to a
+    multiple of 64) unless vocab_size is given."""
+    tokenizer_data: str = ""
+    """Recipes: the spec whose sample `make tokenizer` trains `tokenizer` on."""
+    tokenizer_vocab: int = 0
+    """Recipes: the vocabulary `make tokenizer` trains (VOCAB=)."""
     num_workers: int = 0
     """DataLoader workers per rank for the streaming path."""
     wandb_project: str = "trmgpt"
@@ -106,7 +124,8 @@ class TrainConfig:
         for k in ("matrix_lr", "embedding_lr", "lm_head_lr", "scalar_lr"):
             if not getattr(self, k) > 0:
                 raise ValueError(f"{k} must be > 0, got {getattr(self, k)}")
-        for k in ("weight_decay", "grad_clip", "warmup_steps", "peak_flops", "num_workers"):
+        for k in ("weight_decay", "grad_clip", "warmup_steps", "peak_flops", "num_workers",
+                  "token_budget", "global_batch_tokens", "tokenizer_vocab"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
         if not 0 <= self.ema_decay < 1:
@@ -213,7 +232,100 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None,
         else:
             raise ValueError(f"unknown config key {k!r}; model keys: {sorted(model_keys)}; "
                              f"train keys: {sorted(train_keys)}")
-    model_cfg = GPTConfig.preset(spec["model"], **m_over)
     train_cfg = build_train_config(t_over)
+    train_cfg.data = expand_storage(train_cfg.data)
+    train_cfg.tokenizer = expand_storage(train_cfg.tokenizer)
+    if "vocab_size" not in m_over and (n := tokenizer_vocab(train_cfg.tokenizer)):
+        m_over["vocab_size"] = n  # the model's vocabulary follows its tokenizer (padded)
+    model_cfg = GPTConfig.preset(spec["model"], **m_over)
+    apply_recipe(train_cfg, model_cfg.sequence_len, explicit=set(t_over))
     train_cfg.validate(world_size)
     return RunConfig(preset=preset, model=model_cfg, train=train_cfg)
+
+
+def expand_storage(path: str) -> str:
+    from data_pipeline.datajob import expand_storage as expand
+
+    return expand(path)
+
+
+def tokenizer_vocab(path: str) -> int:
+    """The padded vocabulary of the tokenizer at `path` (relative paths: to the repo), or 0
+    when it is not there (yet): `check_inputs` refuses a run without it."""
+    import os
+
+    from data_pipeline import load_tokenizer
+
+    if "://" not in path and not os.path.isabs(path):
+        path = str(REPO / path)
+    try:
+        return load_tokenizer(path).padded_vocab_size
+    except (FileNotFoundError, OSError, ValueError):
+        return 0
+
+
+def apply_recipe(t: TrainConfig, seq_len: int, explicit: set[str]) -> None:
+    """global_batch_tokens -> global_batch_size, token_budget -> max_steps (unless given)."""
+    if t.global_batch_tokens and "global_batch_size" not in explicit:
+        if t.global_batch_tokens % seq_len:
+            raise ValueError(f"global_batch_tokens ({t.global_batch_tokens}) must be a multiple "
+                             f"of sequence_len ({seq_len})")
+        t.global_batch_size = t.global_batch_tokens // seq_len
+    if t.token_budget and "max_steps" not in explicit:
+        if not t.global_batch_size:
+            raise ValueError("token_budget needs global_batch_tokens or global_batch_size")
+        t.max_steps = -(-t.token_budget // (t.global_batch_size * seq_len))
+
+
+def recipe_commands(run: RunConfig) -> dict[str, str]:
+    """The make commands that produce a recipe's tokenizer and data."""
+    t = run.train
+    tok_dir = t.tokenizer[:-len("/tokenizer.json")] if t.tokenizer.endswith(
+        "/tokenizer.json") else t.tokenizer
+    out = {}
+    if t.tokenizer_data:
+        out["tokenizer"] = (f"make tokenizer DATA={t.tokenizer_data} VOCAB="
+                            f"{t.tokenizer_vocab or run.model.vocab_size} OUT={tok_dir}")
+    if t.data_spec:
+        out["data"] = f"make data DATA={t.data_spec} TOKENIZER={tok_dir} OUT={t.data}"
+    return out
+
+
+def check_inputs(run: RunConfig) -> dict | None:
+    """Refuse a run whose tokenizer or data is not there, before anything is provisioned, with
+    the make target that makes it. Pre-tokenized data must be a finished `make data` output for
+    this very tokenizer (its manifest is checked: shards, sizes, tokenizer hash). Returns the
+    manifest (None for raw data, which the loaders probe themselves)."""
+    import os
+
+    from data_pipeline import load_tokenizer
+    from data_pipeline.datajob import check_tokenized
+
+    t = run.train
+    cmds = recipe_commands(run)
+    storage = ("" if os.environ.get("TRMGPT_STORAGE") or os.environ.get("STORAGE") else
+               " ($STORAGE is not set: that is the local storage/ folder; set STORAGE=s3://... "
+               "to use the cluster's)")
+    tok_path = t.tokenizer if "://" in t.tokenizer or os.path.isabs(t.tokenizer) else str(
+        REPO / t.tokenizer)
+    try:
+        tok = load_tokenizer(tok_path)
+    except FileNotFoundError:
+        how = f"make it with `{cmds['tokenizer']}`" if "tokenizer" in cmds else (
+            "train one with `make tokenizer DATA=<spec> VOCAB=<n> OUT=<folder>`")
+        raise FileNotFoundError(f"preset {run.preset}: tokenizer {t.tokenizer} is missing"
+                                f"{storage}; {how}") from None
+    if tok.vocab_size > run.model.vocab_size:
+        raise ValueError(f"vocab_size ({run.model.vocab_size}) is smaller than the tokenizer's "
+                         f"vocabulary ({tok.vocab_size}); set vocab_size={tok.padded_vocab_size}")
+    data = t.data if "://" in t.data or os.path.isabs(t.data) or not t.data_spec else str(
+        REPO / t.data)
+    if not t.data_spec:
+        return None  # raw data or a folder given by hand: the loader's own checks apply
+    hint = f"make it with `{cmds['data']}`"
+    try:
+        return check_tokenized(data, tok, make_hint=hint + storage)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"preset {run.preset}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"preset {run.preset}: {e}") from None
