@@ -58,6 +58,12 @@ DRY = {  # target -> (variables, what its command line must contain)
     "bench": ([], "bench/model_step.py"),
     "gpu-check": ([], "bench/gpu.py --check"),
     "clean": ([], "rm -rf runs"),
+    "tokenizer": (["DATA=configs/data/fineweb-edu-10BT.yaml", "VOCAB=50304"],
+                  "python -m data_pipeline tokenizer train --data "
+                  "configs/data/fineweb-edu-10BT.yaml --vocab 50304"),
+    "data": (["DATA=configs/data/fineweb-edu-10BT.yaml", "TOKENIZER=storage/tokenizers/t"],
+             "python -m data_pipeline data --data configs/data/fineweb-edu-10BT.yaml "
+             "--tokenizer storage/tokenizers/t"),
 }
 
 
@@ -98,7 +104,7 @@ BAD = [  # (target, variables, message)
     ("cluster-up", ["NODES=0"], "NODES must be a whole number >= 1"),
     ("cluster-up", ["CLOUD=azure"], "CLOUD must be aws or gcp"),
     ("cluster-up", ["GPU=v100"], "GPU must be a100 or h100"),
-    ("cluster-up", ["NODES=2"], "shared checkpoint storage"),
+    ("cluster-up", ["NODES=2"], "object storage every node can write"),
     ("cluster-down", ["CLOUD=azure"], "CLOUD must be aws or gcp"),
     ("dashboard", ["GPU=t4"], "GPU must be a100 or h100"),
     *[(t, [], "RUN is missing") for t in ("eval", "sample", "export", "plot", "resume", "logs",
