@@ -321,6 +321,22 @@ def sec_data(r: dict, out: Path) -> str:
         f"({best_a['path']}) {best_a['x_a']:.0f}x. Each GPU has its own loader on its node's "
         "CPUs, so the ratio holds per GPU as long as a node gives each of its GPUs the CPU share "
         "of this machine.",
+    ]) + "\n" + sec_fineweb(r.get("fineweb"))
+
+
+def sec_fineweb(fw: dict | None) -> str:
+    """`make tokenizer` and `make data` against raw encode_batch (bench/data_throughput.py's
+    FineWeb-Edu-shaped section), when the run measured it."""
+    if not fw:
+        return ""
+    rows = [[x["path"], f"{x['rate']:,.1f}", x["notes"]] for x in fw["rows"]]
+    return "\n".join([
+        "\n### `make tokenizer` and `make data` against raw HF tokenizers "
+        "(FineWeb-Edu-shaped parquet)\n",
+        f"{fw['documents']} documents, {fw['mb']:.1f} MB of good text, BPE {fw['vocab']} "
+        "(data_pipeline/synthetic.py writes them in FineWeb-Edu's shape, broken records "
+        "included). Rates: MB/s for tokenizer training, tokens/s otherwise.\n",
+        table(["path", "rate", "notes"], rows),
     ]) + "\n"
 
 
