@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from launcher.engine.evaluate import SUMS, eval_batch, summarize, token_bytes
+from launcher.engine.evaluate import SUMS, VAL_SEED, eval_batch, summarize, token_bytes
 
 
 def eval_run(run_dir: str, weights: str = "ema", n_batches: int = 8) -> dict:
@@ -24,7 +24,7 @@ def eval_run(run_dir: str, weights: str = "ema", n_batches: int = 8) -> dict:
     tbytes = token_bytes(tok).to(dev)
     loader = build_loader(DataSpec.parse(t.data), tok, split="val",
                           batch_size=t.device_batch_size, seq_len=m.sequence_len, rank=0,
-                          world_size=1, seed=t.seed, num_workers=0, path=t.data_path)
+                          world_size=1, seed=VAL_SEED, num_workers=0, path=t.data_path)
     step_fn = SupervisionStepModule(model)
     totals = torch.zeros(m.N_sup, SUMS, dtype=torch.float64, device=dev)
     with torch.no_grad():

@@ -45,7 +45,7 @@ from launcher.engine.dist import (
     print0,
 )
 from launcher.engine.ema_shards import ema_load, ema_record, ema_tensors, swapped_in_ema
-from launcher.engine.evaluate import evaluate, token_bytes
+from launcher.engine.evaluate import VAL_SEED, evaluate, token_bytes
 from launcher.engine.metrics import MetricsLogger, drop_rows_after, memory_gb, peak_flops_per_device
 from launcher.engine.parallelize import parallelize, resolve_precision
 from launcher.engine.step import train_step
@@ -244,7 +244,7 @@ class Trainer:
         t, mc, info = self.run.train, self.run.model, self.info
         val_loader = build_loader(self.spec, self.tok, split="val",
                                   batch_size=t.device_batch_size, seq_len=mc.sequence_len,
-                                  rank=info.rank, world_size=info.world_size, seed=t.seed,
+                                  rank=info.rank, world_size=info.world_size, seed=VAL_SEED,
                                   num_workers=0, path=t.data_path,
                                   # every rank exactly eval_batches: ZeRO-3 gathers in step
                                   num_samples=t.eval_batches * t.device_batch_size
