@@ -88,6 +88,11 @@ class GPTConfig:
     """Hierarchical step weights w_s ∝ base ** ((s-1)/(N_sup-1)), normalised to sum to 1."""
     improvement_reward_scale: float = 0.1
     """Scale of R = Σ_{s≥2} relu(L_s − stopgrad(L_{s−1})); 0 disables it."""
+    step_conditioning: bool = False
+    """Per-step conditioning of the injection (MoR's recursion encoding, UT's timestep signal):
+    supervision step s injects x·(1 + a_s) + b_s instead of x, with learned a_s, b_s (zero at
+    init, so the model starts as without it; steps past the table use its last row). It breaks
+    the 'same map every step' symmetry. Off until measured to help (bench/ABLATIONS.md)."""
     halting: bool = False
     """Adaptive computation: a halting head on y predicts whether the step's argmax is right."""
     halt_loss_weight: float = 0.5
@@ -177,6 +182,11 @@ class GPTConfig:
         return self.n_layer * (self.n_loops + 1) if self.recursion else self.n_layer
 
     @property
+    def conditioned_steps(self) -> int:
+        """Rows of the per-step conditioning table (step_conditioning)."""
+        return max(self.N_sup, self.N_sup_inference)
+
+    @property
     def effective_depth(self) -> int:
         """All block applications per training forward: n_layer·(n_loops+1)·T·N_sup."""
         return self.applications_per_recursion * self.T_recursion * self.N_sup
@@ -201,6 +211,7 @@ class GPTConfig:
         n += e                                     # final norm
         n += e if self.norm_style == "pre" else 0  # norm on the stack's output
         n += (e + 1) if self.halting else 0        # halting head
+        n += 2 * e * self.conditioned_steps if self.step_conditioning and self.recursion else 0
         if not non_embedding:
             n += 2 * self.vocab_size * e           # embedding + untied lm_head
         return n

@@ -83,6 +83,9 @@ class RecursiveGPT(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.init_state = InitialState(c) if c.recursion else None
         self.halt_head = nn.Linear(c.n_embd, 1, bias=True) if c.halting else None
+        # per-step scale (row 0) and bias (row 1) of the injection; zero: the unconditioned model
+        self.step_cond = (nn.Parameter(torch.zeros(2, c.conditioned_steps, c.n_embd))
+                          if c.step_conditioning and c.recursion else None)
         cos, sin = rope_tables(c.sequence_len, c.head_dim, c.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (T, head_dim/2)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -119,6 +122,8 @@ class RecursiveGPT(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+        if self.step_cond is not None:
+            nn.init.zeros_(self.step_cond)
         if self.halt_head is not None:
             nn.init.zeros_(self.halt_head.weight)
             nn.init.constant_(self.halt_head.bias, -5.0)
@@ -216,6 +221,9 @@ class RecursiveGPT(nn.Module):
         else:
             if y is None or z is None:
                 y, z = self.init_state(x)
+            if self.step_cond is not None:
+                a, b = self.step_cond[:, min(step, self.step_cond.size(1) - 1)].to(x.dtype)
+                x = x * (1 + a) + b
             with torch.no_grad():
                 for _ in range(c.T_recursion - 1):
                     y, z = self.latent_recursion(x, y, z, pos, cache)
