@@ -40,7 +40,7 @@ from launcher.engine.config import resolve  # noqa: E402
 from launcher.engine.parallelize import build_optimizer, build_scheduler  # noqa: E402
 from model import RecursiveGPT  # noqa: E402
 
-TASK_VOCAB = 64  # >= len(VOCAB); a multiple of 64 as the config asks
+TASK_VOCAB = 192  # >= N_TOKENS (characters + perm table entries), a multiple of 64
 
 
 @dataclass

@@ -346,7 +346,7 @@ def study(a, base: dict[str, Any], val: list, tbytes: torch.Tensor) -> None:
 
 def report(results: list[Result], a, base: dict[str, Any], k: int) -> None:
     out = REPO / "bench"
-    lines = ["# Recursion study", "",
+    lines = ["## Shakespeare", "",
              f"`{' '.join(sys.argv)}` on {torch.get_num_threads()} thread(s), "
              f"{time.strftime('%Y-%m-%d %H:%M')}. Held-out plays of the shipped corpus; bits "
              "per byte over targets that stand for text (EOS left out). Same seed, same data "
@@ -367,7 +367,9 @@ def report(results: list[Result], a, base: dict[str, Any], k: int) -> None:
               "", f"The recursion's supervision steps refine by {100 * ref:+.1f}% ((L_1 - L_N)/L_1 "
               "on validation). The ablations behind the defaults, and what was tried for "
               "refinement, are in bench/ABLATIONS.md."]
-    (out / "STUDY.md").write_text("\n".join(lines) + "\n")
+    from bench.depth_study import write_section
+
+    write_section(out / "STUDY.md", "shakespeare", "\n".join(lines))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,6 +1,12 @@
 """Generated depth tasks: seeded, endless problems whose answers need serial computation.
 
-Two tasks, each with a difficulty knob:
+Three tasks, each with a difficulty knob:
+  * perm:     k-hop lookup in an in-context permutation. A table of n_symbols entries `x>y`
+              (a random permutation of the digits, entries shuffled) then `|` and n_queries
+              queries `x=` whose answer is pi^k(x). In the study's tokens every table entry is
+              ONE token, so one hop is one attention lookup: a 2-layer plain GPT can do about
+              two, the recursion as many as it has applications. Queries are distinct symbols
+              (no query repeats an earlier one, so no answer can be copied).
   * pointer:  variable binding with k hops. `n_chains` chains `v0=d; v1=v0; ...; vk=v(k-1)`
               (all assignments shuffled together), then one query `?vk=` for one chain whose
               answer is that chain's root digit (one query only: with a query per chain the
@@ -35,8 +41,11 @@ import torch
 
 SCHEME = "task:"
 PAD = 0
-VOCAB = "_0123456789abcdefghijklmnopqrstuvwxyz=;?+"  # index 0 is padding
+VOCAB = "_0123456789abcdefghijklmnopqrstuvwxyz=;?+|"  # index 0 is padding
 CHAR_ID = {c: i for i, c in enumerate(VOCAB)}
+# a perm table entry `x>y` is one token (after the characters): one hop, one lookup
+PAIR_ID = {f"{a}>{b}": len(VOCAB) + 10 * a + b for a in range(10) for b in range(10)}
+N_TOKENS = len(VOCAB) + 100
 VARS = "abcdefghijklmnopqrstuvwxyz"
 Segments = list[tuple[str, bool]]
 
@@ -96,10 +105,47 @@ class AdditionTask:
         return 2 * n + 2 + n + 1
 
 
-TASKS = {"pointer": PointerTask, "addition": AdditionTask}
+@dataclass(frozen=True)
+class PermTask:
+    """k-hop lookup in an in-context permutation of n_symbols digits, n_queries queries."""
+
+    n_symbols: int = 10
+    n_queries: int = 6
+    name: str = "perm"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.n_symbols <= 10 or not 1 <= self.n_queries <= self.n_symbols:
+            raise ValueError(f"perm: need 2 <= n_symbols <= 10 and 1 <= n_queries <= "
+                             f"n_symbols, got {self.n_symbols}, {self.n_queries}")
+
+    def max_difficulty(self) -> int:
+        return 16
+
+    def example(self, rng: random.Random, k: int) -> Segments:
+        if not 1 <= k <= self.max_difficulty():
+            raise ValueError(f"perm: hops must be in [1, {self.max_difficulty()}], got {k}")
+        sym = "0123456789"[:self.n_symbols]
+        image = rng.sample(sym, len(sym))
+        pi = dict(zip(sym, image, strict=True))
+        table = [f"{x}>{pi[x]}" for x in rng.sample(sym, len(sym))]
+        segs: Segments = [(" ".join(table) + " |", False)]
+        for x in rng.sample(sym, self.n_queries):
+            y = x
+            for _ in range(k):
+                y = pi[y]
+            segs += [(f" {x}=", False), (y, True)]
+        return segs
+
+    def length(self, k: int) -> int:
+        """Tokens of an example (table entries are one token each; spaces are not tokens)."""
+        return self.n_symbols + 1 + 3 * self.n_queries
 
 
-def make_task(name: str, **params: Any) -> PointerTask | AdditionTask:
+TASKS = {"pointer": PointerTask, "addition": AdditionTask, "perm": PermTask}
+Task = PointerTask | AdditionTask | PermTask
+
+
+def make_task(name: str, **params: Any) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
     return TASKS[name](**params)
@@ -113,7 +159,7 @@ def text_of(segs: Segments) -> str:
 HELDOUT_SEED = 1_000_003  # the held-out stream's seed; train streams never use it
 
 
-def heldout_set(task: PointerTask | AdditionTask, difficulties: list[int],
+def heldout_set(task: Task, difficulties: list[int],
                 n_per: int) -> list[tuple[int, Segments]]:
     """The fixed held-out examples: n_per per difficulty, the same on every machine."""
     out = []
@@ -123,12 +169,12 @@ def heldout_set(task: PointerTask | AdditionTask, difficulties: list[int],
     return out
 
 
-def heldout_texts(task: PointerTask | AdditionTask, difficulties: list[int],
+def heldout_texts(task: Task, difficulties: list[int],
                   n_per: int) -> set[str]:
     return {text_of(s) for _, s in heldout_set(task, difficulties, n_per)}
 
 
-def train_examples(task: PointerTask | AdditionTask, difficulties: list[int], seed: Any,
+def train_examples(task: Task, difficulties: list[int], seed: Any,
                    exclude: set[str]) -> Iterator[tuple[int, Segments]]:
     """Endless training examples, difficulty uniform over `difficulties`, none in `exclude`."""
     rng = random.Random(str(seed))
@@ -146,10 +192,18 @@ def encode(segs: Segments) -> tuple[list[int], list[int]]:
     ans: list[int] = []
     n = 0
     for text, is_answer in segs:
-        for ch in text:
-            if ch not in CHAR_ID:
-                raise ValueError(f"character {ch!r} is not in the task vocabulary")
-            ids.append(CHAR_ID[ch])
+        i = 0
+        while i < len(text):
+            if text[i] == " ":  # spaces are for reading the text form only
+                i += 1
+                continue
+            if text[i + 1:i + 2] == ">":
+                tok, i = PAIR_ID.get(text[i:i + 3]), i + 3
+            else:
+                tok, i = CHAR_ID.get(text[i]), i + 1
+            if tok is None:
+                raise ValueError(f"{text!r} has a character outside the task vocabulary")
+            ids.append(tok)
             ans.append(n if is_answer else -1)
         n += is_answer
     return ids, ans
@@ -203,7 +257,7 @@ def is_task_path(path: str) -> bool:
     return path.startswith(SCHEME)
 
 
-def parse_task_path(path: str) -> tuple[PointerTask | AdditionTask, list[int], int]:
+def parse_task_path(path: str) -> tuple[Task, list[int], int]:
     """`task:NAME?difficulty=1-4&n_chains=3&val_per_difficulty=64` -> (task, difficulties,
     held-out examples per difficulty)."""
     if not is_task_path(path):

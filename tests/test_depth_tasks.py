@@ -13,8 +13,10 @@ from data_pipeline.spec import DataSpec
 from data_pipeline.tasks import (
     VOCAB,
     AdditionTask,
+    PermTask,
     PointerTask,
     answer_correct,
+    encode,
     heldout_set,
     heldout_texts,
     parse_task_path,
@@ -146,3 +148,23 @@ def test_task_source_alone_and_mixed_into_text() -> None:
              for b, _ in zip(mixed, range(8), strict=False) for row in b[0]]
     assert any("?" in t and "=" in t for t in texts)          # task windows
     assert any(" the " in t.lower() for t in texts)           # text windows
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_perm_answers_are_k_hops_and_entries_are_one_token(k: int) -> None:
+    task = PermTask(n_symbols=10, n_queries=6)
+    rng = random.Random(k)
+    for _ in range(20):
+        segs = task.example(rng, k)
+        table, queries = text_of(segs).split("|")
+        pi = dict(e.split(">") for e in table.split())
+        assert sorted(pi) == sorted(pi.values()) == list("0123456789")  # a permutation
+        asked = [q.split("=")[0] for q in queries.split()]
+        assert len(set(asked)) == 6  # distinct queries: no answer can be copied
+        for q in queries.split():
+            x, y = q.split("=")
+            for _ in range(k):
+                x = pi[x]
+            assert x == y
+        ids, ans = encode(segs)
+        assert len(ids) == task.length(k) and max(ans) == 5
