@@ -59,11 +59,12 @@ class GPTConfig:
     blocks h = RMSNorm(h + f(h)). Both keep the state's magnitude bounded over thousands of
     applications; post-norm collapses to the unigram solution at the learning rates a small LM
     needs (tiny at lr 3e-3: every step's loss equal at the unigram level), pre-norm does not."""
-    state_init: Literal["fixed", "input"] = "fixed"
+    state_init: Literal["fixed", "input", "zero"] = "fixed"
     """'fixed': y0, z0 are fixed random vectors broadcast over batch and sequence (TRM's H_init,
     L_init buffers; with T_recursion >= 2 they only feed no-grad recursions, so a learned
     version would never receive a gradient). 'input': y0 = x (token embeddings), z0 fixed.
-    Neither is a parameter."""
+    'zero': y0 = z0 = 0, so step 1 starts from x alone (no constant vector in the stream that
+    dilutes the token signal every position shares). None is a parameter."""
     recursion: bool = True
     """False: the plain GPT of the same parameters (one pass of the stack on x, one supervision
     step, no no-grad passes) - the baseline every recursion claim is measured against. It sets
@@ -150,8 +151,9 @@ class GPTConfig:
                              " for RoPE")
         if self.norm_style not in ("post", "pre"):
             raise ValueError(f"norm_style must be 'post' or 'pre', got {self.norm_style!r}")
-        if self.state_init not in ("fixed", "input"):
-            raise ValueError(f"state_init must be 'fixed' or 'input', got {self.state_init!r}")
+        if self.state_init not in ("fixed", "input", "zero"):
+            raise ValueError(f"state_init must be 'fixed', 'input' or 'zero', got "
+                             f"{self.state_init!r}")
         if self.logit_softcap < 0:
             raise ValueError(f"logit_softcap must be >= 0 (0 disables it), got "
                              f"{self.logit_softcap!r}")

@@ -63,6 +63,8 @@ class InitialState(nn.Module):
         g = torch.Generator().manual_seed(0)
         y, z = (nn.init.trunc_normal_(torch.empty(cfg.n_embd), std=1.0, a=-2.0, b=2.0,
                                       generator=g) for _ in range(2))
+        if cfg.state_init == "zero":
+            y, z = torch.zeros_like(y), torch.zeros_like(z)
         self.register_buffer("z", z, persistent=False)
         self.register_buffer("y", y if cfg.state_init == "fixed" else None, persistent=False)
 
