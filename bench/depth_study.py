@@ -244,8 +244,8 @@ def task_report(results: list[TaskResult], setup: TaskSetup, task: str, preset: 
              f"{time.strftime('%Y-%m-%d %H:%M')}. Task `{setup.task}`, difficulties {D} mixed "
              "uniformly in every batch, loss on answer tokens only; exact-match accuracy on "
              f"the fixed held-out set ({sum(len(b[0]) for b in setup.heldout)} examples). "
-             f"Chance on a pointer answer is 1/{getattr(setup.task, 'n_chains', 10)} for a "
-             "model that has learned the answer is one of the roots.", "",
+             f"{chance_note(setup.task)} Seconds are training seconds on a 2-core machine "
+             "shared with other sessions: compare them only within one run.", "",
              "| config | params | " + " | ".join(f"acc d={d}" for d in D)
              + " | acc by supervision step | examples | train FLOPs | seconds |",
              "|---|---|" + "---|" * len(D) + "---|---|---|---|"]
@@ -275,6 +275,15 @@ def task_report(results: list[TaskResult], setup: TaskSetup, task: str, preset: 
     write_section(REPO / "bench" / "STUDY.md", f"task:{task}", "\n".join(lines))
     plot(results, setup, task, deeper)
     print("\n".join(lines))
+
+
+def chance_note(task: Any) -> str:
+    if task.name == "pointer":
+        return (f"Chance: 1/{task.n_chains} for a model that knows the answer is one of the "
+                "chains' roots.")
+    if task.name == "perm":
+        return f"Chance: 1/{task.n_symbols} per answer."
+    return "Chance: 10^-(k+1) for a k-digit sum (every digit of the sum must be right)."
 
 
 def write_section(path: Path, key: str, body: str) -> None:
