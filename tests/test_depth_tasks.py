@@ -168,3 +168,28 @@ def test_perm_answers_are_k_hops_and_entries_are_one_token(k: int) -> None:
             assert x == y
         ids, ans = encode(segs)
         assert len(ids) == task.length(k) and max(ans) == 5
+
+
+def test_leak_check_passes_causal_configs_and_catches_a_planted_leak() -> None:
+    from bench.depth_study import causal_leak_check
+    from model import GPTConfig, RecursiveGPT
+
+    torch.manual_seed(0)
+    for extra in ({}, {"step_conditioning": True, "state_init": "zero"}):
+        cfg = GPTConfig.preset("tiny", n_embd=32, n_head=2, n_kv_head=1, vocab_size=192,
+                               sequence_len=24, N_sup=2, N_sup_inference=3,
+                               zero_init_out=False, **extra)
+        model = RecursiveGPT(cfg)
+        if model.step_cond is not None:  # make the conditioning matter
+            torch.nn.init.normal_(model.step_cond, std=0.5)
+        assert causal_leak_check(model, 24) < 1e-4
+        assert cfg.num_params() == sum(
+            p.numel() for n, p in model.named_parameters()
+            if not n.startswith(("tok_emb", "lm_head")))
+
+    class Leaky(RecursiveGPT):  # a planted defect: position t sees the last token
+        def supervision_step(self, idx, *a, **k):  # type: ignore[no-untyped-def]
+            return super().supervision_step(idx.roll(1, dims=1), *a, **k)
+
+    with pytest.raises(AssertionError, match="causal leak"):
+        causal_leak_check(Leaky(cfg), 24)
