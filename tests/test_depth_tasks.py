@@ -193,3 +193,12 @@ def test_leak_check_passes_causal_configs_and_catches_a_planted_leak() -> None:
 
     with pytest.raises(AssertionError, match="causal leak"):
         causal_leak_check(Leaky(cfg), 24)
+
+
+def test_task_source_cannot_be_pretokenized(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from data_pipeline.pretok import tokenize_spec
+
+    with pytest.raises(ValueError, match="generated task: stream it"):
+        tokenize_spec({"sources": [{"path": "task:addition?difficulty=1-2"}]},
+                      load_tokenizer(TOKENIZER), str(tmp_path / "out"), workers=0,
+                      progress=False)
