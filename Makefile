@@ -140,8 +140,17 @@ stop: $(STAMP)  ## stop a run's job: RUN=<id>
 	$(BIN)/python -m launcher stop --run $(RUN)
 
 # One process with make train's global batch (2 workers x 4 sequences of 256 tokens).
-study: $(STAMP)  ## does the recursion earn its compute? -> bench/STUDY.md, bench/study.png (about 15 min)
+# TASK=addition|perm|pointer: the depth-task study instead of Shakespeare (its own section of
+# bench/STUDY.md and bench/study_$(TASK).png); TASK_ARGS replaces the measured setting.
+TASK_ARGS ?= --difficulty 1-3 --batch 64 --steps 500 --eval-every 100 --threads 1 \
+	--set n_embd=64 --set n_loops=1 --set T_recursion=1 --set N_sup=2 --set N_sup_inference=2 \
+	--infer-sup 4
+study: $(STAMP)  ## does the recursion earn its compute? -> bench/STUDY.md, bench/study.png (about 15 min); TASK=addition: on a depth task
+ifdef TASK
+	$(BIN)/python bench/recursion_study.py --task $(TASK) $(TASK_ARGS) $(ARGS)
+else
 	$(BIN)/python bench/recursion_study.py --steps 180 --eval-every 60 --set device_batch_size=8 $(ARGS)
+endif
 
 # bench/report.py runs the scripts in this order (data_throughput takes the tiny trainer's tokens/s
 # from overhead's run) and writes bench/REPORT.md, its PNGs and bench/results/ from this run alone.

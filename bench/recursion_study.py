@@ -157,24 +157,7 @@ def run_config(name: str, preset: str, overrides: dict[str, Any], steps: int | N
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
         idx, tgt = next(it)
-        y = z = prev = None
-        total = 0.0
-        for s in range(n_sup):
-            st = model.supervision_step(idx, y, z, tgt, step=s, prev_loss=prev,
-                                        keep_logits=False, detach=not across)
-            if across:
-                total = total + st.objective
-            else:
-                st.objective.backward()
-            y, z, prev = st.y, st.z, st.loss.detach()
-            if t.update_mode == "per_step" and s < n_sup - 1:  # TRM: an update per step
-                if t.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-        if across:
-            total.backward()
+        prev = backward_steps(model, opt, sched, t, idx, tgt, n_sup, across)
         if diag and step % eval_every == 0:
             gnorm = {k: float(torch.cat([p.grad.flatten() for _, p in v if p.grad is not None]
                                         or [torch.zeros(1)]).norm())
@@ -209,6 +192,31 @@ def run_config(name: str, preset: str, overrides: dict[str, Any], steps: int | N
     res.seconds = train_s
     res.final = res.curve[-1]
     return res
+
+
+def backward_steps(model: RecursiveGPT, opt, sched, t, idx: torch.Tensor, tgt: torch.Tensor,
+                   n_sup: int, across: bool = False) -> torch.Tensor:
+    """Forward and backward of n_sup supervision steps on one batch (the optimizer step after
+    the last one is the caller's). Returns the last step's loss."""
+    y = z = prev = None
+    total = 0.0
+    for s in range(n_sup):
+        st = model.supervision_step(idx, y, z, tgt, step=s, prev_loss=prev,
+                                    keep_logits=False, detach=not across)
+        if across:
+            total = total + st.objective
+        else:
+            st.objective.backward()
+        y, z, prev = st.y, st.z, st.loss.detach()
+        if t.update_mode == "per_step" and s < n_sup - 1:  # TRM: an update per step
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+    if across:
+        total.backward()
+    return prev
 
 
 def fmt(v) -> str:
@@ -256,9 +264,33 @@ def main() -> None:
                     help="with --only: keep y, z in the graph between supervision steps and "
                          "backpropagate once (breaks SPEC's detach; measures what it costs). "
                          "Needs T_recursion 1: a no-grad recursion cuts the graph anyway")
+    ap.add_argument("--task", default=None,
+                    help="a depth task of data_pipeline/tasks.py (pointer, addition) instead of "
+                         "Shakespeare: accuracy by difficulty and supervision step")
+    ap.add_argument("--difficulty", default="1-4", help="task difficulties, e.g. 1-4")
+    ap.add_argument("--task-param", action="append", default=[],
+                    help="task parameter key=value (pointer: n_chains)")
+    ap.add_argument("--batch", type=int, default=64, help="task batch size")
+    ap.add_argument("--infer-sup", type=int, default=None,
+                    help="task: supervision steps at evaluation beyond training (default 2x)")
+    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    val, tbytes = val_set(a.preset, a.val_batches)
     base = parse_sets(a.set)
+    if a.task:
+        from bench.depth_study import parse_difficulties, single, task_study
+
+        diffs = parse_difficulties(a.difficulty)
+        tp = {k: int(v) for k, v in parse_sets(a.task_param).items()}
+        steps = a.steps or 400
+        infer = a.infer_sup or 2 * resolve(a.preset, base).model.N_sup
+        if a.only:
+            single(a.preset, a.task, diffs, base, steps, a.batch, a.eval_every, a.threads,
+                   infer, a.only, a.json, a.seed, **tp)
+        else:
+            task_study(a.preset, a.task, diffs, base, steps, a.batch, a.eval_every, a.threads,
+                       infer, a.json, **tp)
+        return
+    val, tbytes = val_set(a.preset, a.val_batches)
     if a.only:
         run = resolve(a.preset, base)
         if a.backprop_across_steps and run.model.T_recursion != 1:
@@ -314,7 +346,7 @@ def study(a, base: dict[str, Any], val: list, tbytes: torch.Tensor) -> None:
 
 def report(results: list[Result], a, base: dict[str, Any], k: int) -> None:
     out = REPO / "bench"
-    lines = ["# Recursion study", "",
+    lines = ["## Shakespeare", "",
              f"`{' '.join(sys.argv)}` on {torch.get_num_threads()} thread(s), "
              f"{time.strftime('%Y-%m-%d %H:%M')}. Held-out plays of the shipped corpus; bits "
              "per byte over targets that stand for text (EOS left out). Same seed, same data "
@@ -335,7 +367,9 @@ def report(results: list[Result], a, base: dict[str, Any], k: int) -> None:
               "", f"The recursion's supervision steps refine by {100 * ref:+.1f}% ((L_1 - L_N)/L_1 "
               "on validation). The ablations behind the defaults, and what was tried for "
               "refinement, are in bench/ABLATIONS.md."]
-    (out / "STUDY.md").write_text("\n".join(lines) + "\n")
+    from bench.depth_study import write_section
+
+    write_section(out / "STUDY.md", "shakespeare", "\n".join(lines))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -63,6 +63,9 @@ def build_tasks(spec: DataSpec) -> tuple[list[dict], list[dict]]:
         if split == "train":
             probe(plans)  # an empty val split only warns (see tokenize_spec)
         for plan in plans:
+            if plan.fmt == "task":  # data_pipeline/tasks.py: generated without end
+                raise ValueError(f"source {plan.source.path!r} is a generated task: stream it "
+                                 "(an endless source cannot be pre-tokenized)")
             label = re.sub(r"[^A-Za-z0-9_.-]+", "_", plan.source.label)[:48]
             prefixes.append({
                 "split": split, "name": plan.source.label, "weight": plan.source.weight,

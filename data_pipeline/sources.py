@@ -24,6 +24,7 @@ import fsspec
 
 from .corpus import resolve_embedded
 from .spec import DataSpec, Source, looks_like_hub
+from .tasks import is_task_path, parse_task_path, task_records
 
 SKIP_KINDS = (
     "undecodable", "bad_json", "missing_field", "empty", "truncated_gz", "truncated_zst",
@@ -84,6 +85,10 @@ def is_hub(source: Source) -> bool:
     return source.format == "auto" and looks_like_hub(path) and not os.path.exists(path)
 
 
+def is_task(source: Source) -> bool:
+    return source.format == "task" or (source.format == "auto" and is_task_path(source.path))
+
+
 def expand_files(source: Source) -> list[str]:
     """Sorted files of a path, directory or glob; FileNotFoundError naming it if none."""
     path = resolve_embedded(source.path)
@@ -128,6 +133,10 @@ def plan_split(spec: DataSpec, split: str) -> list[SourcePlan]:
             raise ValueError(f"source {source.path!r} is pre-tokenized; use path='pretok'")
         if is_hub(source):
             plans.append(SourcePlan(i, source, split, [], "hub", keep, fraction))
+            continue
+        if is_task(source):  # generated (data_pipeline/tasks.py): its own fixed held-out set
+            parse_task_path(source.path)  # a bad task path fails here, naming it
+            plans.append(SourcePlan(i, source, split, [], "task", "all", 0.0))
             continue
         files = expand_files(source)
         fmt = source.format if source.format != "auto" else None
@@ -314,7 +323,9 @@ def probe(plans: list[SourcePlan]) -> None:
     """Fail early, naming the source, when a split of a source has no usable document."""
     for plan in plans:
         skipped: dict[str, int] = {}
-        records = iter(hub_records(plan)) if plan.fmt == "hub" else iter_plan_records(plan)
+        records = (iter(hub_records(plan)) if plan.fmt == "hub" else
+                   task_records(plan.source.path, plan.split) if plan.fmt == "task" else
+                   iter_plan_records(plan))
         for rec in records:
             if not rec["skip"]:
                 break

@@ -24,7 +24,7 @@ import fsspec
 
 from .corpus import EMBEDDED_SCHEME
 
-FORMATS = ("auto", "txt", "jsonl", "parquet", "hub", "indexed")
+FORMATS = ("auto", "txt", "jsonl", "parquet", "hub", "indexed", "task")
 DEFAULT_VAL_FRACTION = 0.01
 
 

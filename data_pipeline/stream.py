@@ -35,6 +35,7 @@ from datasets.distributed import split_dataset_by_node
 from datasets.packaged_modules.generator import generator as _hf_generator  # noqa: F401
 
 from .sources import SourcePlan, add_stats, hub_records, iter_plan_records, new_stats
+from .tasks import task_records
 from .tokenizer import Tokenizer
 
 FEATURES_SPEC = {"text": "string", "skip": "string"}
@@ -86,6 +87,12 @@ class SourceStream:
         """This worker's part of the source as a `datasets.IterableDataset` of records."""
         if self.plan.fmt == "hub":
             return split_dataset_by_node(hub_records(self.plan), self.lw, self.n_lw)
+        if self.plan.fmt == "task":  # generated: endless for train, held-out set for val
+            return IterableDataset.from_generator(
+                task_records, features=Features({k: Value(v) for k, v in FEATURES_SPEC.items()}),
+                gen_kwargs={"path": self.plan.source.path, "split": self.plan.split,
+                            "seed": [self.cfg.seed, self.plan.index, epoch],
+                            "worker": self.lw, "n_workers": self.n_lw})
         files = list(self.plan.files)
         if self.cfg.shuffle:
             rng = np.random.default_rng([self.cfg.seed, self.plan.index, epoch])

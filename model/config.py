@@ -59,11 +59,12 @@ class GPTConfig:
     blocks h = RMSNorm(h + f(h)). Both keep the state's magnitude bounded over thousands of
     applications; post-norm collapses to the unigram solution at the learning rates a small LM
     needs (tiny at lr 3e-3: every step's loss equal at the unigram level), pre-norm does not."""
-    state_init: Literal["fixed", "input"] = "fixed"
+    state_init: Literal["fixed", "input", "zero"] = "fixed"
     """'fixed': y0, z0 are fixed random vectors broadcast over batch and sequence (TRM's H_init,
     L_init buffers; with T_recursion >= 2 they only feed no-grad recursions, so a learned
     version would never receive a gradient). 'input': y0 = x (token embeddings), z0 fixed.
-    Neither is a parameter."""
+    'zero': y0 = z0 = 0, so step 1 starts from x alone (no constant vector in the stream that
+    dilutes the token signal every position shares). None is a parameter."""
     recursion: bool = True
     """False: the plain GPT of the same parameters (one pass of the stack on x, one supervision
     step, no no-grad passes) - the baseline every recursion claim is measured against. It sets
@@ -88,6 +89,11 @@ class GPTConfig:
     """Hierarchical step weights w_s ∝ base ** ((s-1)/(N_sup-1)), normalised to sum to 1."""
     improvement_reward_scale: float = 0.1
     """Scale of R = Σ_{s≥2} relu(L_s − stopgrad(L_{s−1})); 0 disables it."""
+    step_conditioning: bool = False
+    """Per-step conditioning of the injection (MoR's recursion encoding, UT's timestep signal):
+    supervision step s injects x·(1 + a_s) + b_s instead of x, with learned a_s, b_s (zero at
+    init, so the model starts as without it; steps past the table use its last row). It breaks
+    the 'same map every step' symmetry. Off until measured to help (bench/ABLATIONS.md)."""
     halting: bool = False
     """Adaptive computation: a halting head on y predicts whether the step's argmax is right."""
     halt_loss_weight: float = 0.5
@@ -145,8 +151,9 @@ class GPTConfig:
                              " for RoPE")
         if self.norm_style not in ("post", "pre"):
             raise ValueError(f"norm_style must be 'post' or 'pre', got {self.norm_style!r}")
-        if self.state_init not in ("fixed", "input"):
-            raise ValueError(f"state_init must be 'fixed' or 'input', got {self.state_init!r}")
+        if self.state_init not in ("fixed", "input", "zero"):
+            raise ValueError(f"state_init must be 'fixed', 'input' or 'zero', got "
+                             f"{self.state_init!r}")
         if self.logit_softcap < 0:
             raise ValueError(f"logit_softcap must be >= 0 (0 disables it), got "
                              f"{self.logit_softcap!r}")
@@ -177,6 +184,11 @@ class GPTConfig:
         return self.n_layer * (self.n_loops + 1) if self.recursion else self.n_layer
 
     @property
+    def conditioned_steps(self) -> int:
+        """Rows of the per-step conditioning table (step_conditioning)."""
+        return max(self.N_sup, self.N_sup_inference)
+
+    @property
     def effective_depth(self) -> int:
         """All block applications per training forward: n_layer·(n_loops+1)·T·N_sup."""
         return self.applications_per_recursion * self.T_recursion * self.N_sup
@@ -201,6 +213,7 @@ class GPTConfig:
         n += e                                     # final norm
         n += e if self.norm_style == "pre" else 0  # norm on the stack's output
         n += (e + 1) if self.halting else 0        # halting head
+        n += 2 * e * self.conditioned_steps if self.step_conditioning and self.recursion else 0
         if not non_embedding:
             n += 2 * self.vocab_size * e           # embedding + untied lm_head
         return n

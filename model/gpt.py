@@ -63,6 +63,8 @@ class InitialState(nn.Module):
         g = torch.Generator().manual_seed(0)
         y, z = (nn.init.trunc_normal_(torch.empty(cfg.n_embd), std=1.0, a=-2.0, b=2.0,
                                       generator=g) for _ in range(2))
+        if cfg.state_init == "zero":
+            y, z = torch.zeros_like(y), torch.zeros_like(z)
         self.register_buffer("z", z, persistent=False)
         self.register_buffer("y", y if cfg.state_init == "fixed" else None, persistent=False)
 
@@ -83,6 +85,9 @@ class RecursiveGPT(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.init_state = InitialState(c) if c.recursion else None
         self.halt_head = nn.Linear(c.n_embd, 1, bias=True) if c.halting else None
+        # per-step scale (row 0) and bias (row 1) of the injection; zero: the unconditioned model
+        self.step_cond = (nn.Parameter(torch.zeros(2, c.conditioned_steps, c.n_embd))
+                          if c.step_conditioning and c.recursion else None)
         cos, sin = rope_tables(c.sequence_len, c.head_dim, c.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (T, head_dim/2)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -119,6 +124,8 @@ class RecursiveGPT(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+        if self.step_cond is not None:
+            nn.init.zeros_(self.step_cond)
         if self.halt_head is not None:
             nn.init.zeros_(self.halt_head.weight)
             nn.init.constant_(self.halt_head.bias, -5.0)
@@ -216,6 +223,9 @@ class RecursiveGPT(nn.Module):
         else:
             if y is None or z is None:
                 y, z = self.init_state(x)
+            if self.step_cond is not None:
+                a, b = self.step_cond[:, min(step, self.step_cond.size(1) - 1)].to(x.dtype)
+                x = x * (1 + a) + b
             with torch.no_grad():
                 for _ in range(c.T_recursion - 1):
                     y, z = self.latent_recursion(x, y, z, pos, cache)
