@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest_data import ASSETS, REPO, TOKENIZER, fixture_tok  # noqa: F401
+from conftest_data import ASSETS, REPO, fixture_tok  # noqa: F401
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
@@ -67,4 +67,3 @@ def test_cli_help_runs():
         done = subprocess.run([sys.executable, "-m", "data_pipeline", *args], cwd=REPO,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "usage" in done.stdout, done.stderr
-    assert (TOKENIZER / "tokenizer.json").exists()
