@@ -20,12 +20,20 @@ ARGS ?=
 CLOUD ?= aws
 GPU ?= a100
 PROMPT ?= ROMEO:
+CPU ?=
+# Where cluster runs live ($STORAGE/<run id>/): required by submit; plot/eval/sample/logs read a
+# run that is not in runs/ from there
+STORAGE ?=
+ifneq ($(strip $(STORAGE)),)
+export TRMGPT_STORAGE := $(STORAGE)
+endif
 
 # Checks that run before a target's command: a clear message and a non-zero exit, nothing started.
 need_run = $(if $(strip $(RUN)),,$(error RUN is missing: make $@ RUN=<run id> (the folder name under runs/, or the id `make submit` printed)))
 need_nodes = $(if $(shell [[ "$(NODES)" =~ ^[1-9][0-9]*$$ ]] && echo ok),,$(error NODES must be a whole number >= 1, got '$(NODES)'))
 need_workers = $(if $(shell [[ "$(WORKERS)" =~ ^[1-9][0-9]*$$ ]] && echo ok),,$(error WORKERS must be a whole number >= 1, got '$(WORKERS)'))
 need_preset = $(if $(wildcard configs/presets/$(PRESET).yaml),,$(error unknown PRESET '$(PRESET)'; choose one of: $(basename $(notdir $(wildcard configs/presets/*.yaml)))))
+need_storage = $(if $(strip $(STORAGE)$(TRMGPT_STORAGE)),,$(error STORAGE is missing: a cluster run lives in $$STORAGE/<run id>/ (the one place every node shares): make $@ STORAGE=s3://bucket/prefix ...))
 need_cloud = $(if $(filter $(CLOUD),aws gcp),,$(error CLOUD must be aws or gcp, got '$(CLOUD)'))$(if $(filter $(GPU),a100 h100),,$(error GPU must be a100 or h100, got '$(GPU)'))
 
 .PHONY: help setup test test-fast lint format train describe eval sample export plot \
@@ -33,7 +41,7 @@ need_cloud = $(if $(filter $(CLOUD),aws gcp),,$(error CLOUD must be aws or gcp, 
 
 help:  ## this list
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: PRESET=$(PRESET) WORKERS=$(WORKERS) NODES=$(NODES) CLOUD=$(CLOUD) GPU=$(GPU) RUN=<id> ARGS=\"--key value ...\""
+	@echo "  variables: PRESET=$(PRESET) WORKERS=$(WORKERS) NODES=$(NODES) CLOUD=$(CLOUD) GPU=$(GPU) RUN=<id> STORAGE=s3://... CPU=1 ARGS=\"--key value ...\""
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -67,7 +75,7 @@ describe: $(STAMP)  ## dry run: config, params, depths, FLOPs/token, memory per 
 	$(need_preset)$(need_nodes)
 	$(BIN)/python -m launcher describe --preset $(PRESET) --nodes $(NODES) $(ARGS)
 
-eval: $(STAMP)  ## val loss, bits per byte, loss per supervision step: RUN=<id>
+eval: $(STAMP)  ## val loss, bits per byte, loss per supervision step: RUN=<id> [STORAGE= for a cluster run]
 	$(need_run)
 	$(BIN)/python -m launcher eval --run-dir $(RUN_DIR) $(ARGS)
 
@@ -79,7 +87,7 @@ export: $(STAMP)  ## EMA weights to runs/<id>/export.safetensors: RUN=<id>
 	$(need_run)
 	$(BIN)/python -m launcher export --run-dir $(RUN_DIR) --out $(RUN_DIR)/export.safetensors $(ARGS)
 
-plot: $(STAMP)  ## loss, per-step losses, refinement -> runs/<id>/plots/*.png: RUN=<id>
+plot: $(STAMP)  ## loss, per-step losses, refinement -> runs/<id>/plots/*.png: RUN=<id> [STORAGE=]
 	$(need_run)
 	$(BIN)/python -m launcher plot --run-dir $(RUN_DIR)
 
@@ -95,9 +103,9 @@ dashboard: $(STAMP)  ## SSH tunnel to the head's dashboard and job API on localh
 	$(need_cloud)
 	$(BIN)/python -m cluster dashboard --cloud $(CLOUD) --gpu $(GPU)
 
-submit: $(STAMP)  ## submit a Ray job: PRESET=B NODES=4 ARGS="--n_loops=4" (prints the run id)
-	$(need_preset)$(need_nodes)
-	$(BIN)/python -m launcher submit --preset $(PRESET) --nodes $(NODES) $(ARGS)
+submit: $(STAMP)  ## submit a Ray job: STORAGE=s3://... PRESET=B NODES=4 [CPU=1] ARGS="--n_loops=4" (prints the run id)
+	$(need_preset)$(need_nodes)$(need_storage)
+	$(BIN)/python -m launcher submit --preset $(PRESET) --nodes $(NODES) $(if $(strip $(CPU)),--cpu) $(ARGS)
 
 resume: $(STAMP)  ## resubmit a run with --resume latest: RUN=<id> [ARGS="--max-steps N"]
 	$(need_run)
@@ -107,10 +115,10 @@ logs: $(STAMP)  ## a run's job logs: RUN=<id> [ARGS=--follow]
 	$(need_run)
 	$(BIN)/python -m launcher logs --run $(RUN) $(ARGS)
 
-status: $(STAMP)  ## every run on the cluster: state, step, loss, tokens/s
+status: $(STAMP)  ## every run on the cluster: state, step, loss, tokens/s (from each run's bucket)
 	$(BIN)/python -m launcher status
 
-stop: $(STAMP)  ## stop a run's job: RUN=<id>
+stop: $(STAMP)  ## checkpoint, then stop a run's job: RUN=<id>
 	$(need_run)
 	$(BIN)/python -m launcher stop --run $(RUN)
 

@@ -89,6 +89,7 @@ def cmd_train_ray(args, extra: list[str]) -> None:
         ray_train.preflight(run)
     finally:
         os.chdir(cwd)
+    log = ray_train.DriverLog(run_dir) if args.address and "://" in run_dir else None
     print(f"launching {run.preset} on Ray: {workers} worker(s), run dir {run_dir}", flush=True)
     try:
         step = ray_train.fit(run, run_dir, workers, resume=args.resume,
@@ -98,7 +99,11 @@ def cmd_train_ray(args, extra: list[str]) -> None:
                              gpus_per_node=args.gpus_per_node,
                              cpus_per_worker=args.cpus_per_worker)
     except ray_train.RunFailed as e:
-        raise SystemExit(f"error: the run failed: {e}") from None
+        print(f"error: the run failed: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        if log is not None:
+            log.close()
     if args.address:  # a cluster job: its logs end with what the user does next
         rid = run_dir.rstrip("/").rsplit("/", 1)[-1]
         print(f"run {rid}: step {step}; checkpoints in {ray_train.checkpoint_root(run, run_dir)}"
@@ -111,7 +116,7 @@ def cmd_submit(args, extra: list[str]) -> None:
     from launcher.jobs import ray_jobs as jobs
 
     jobs.submit(args.preset, args.nodes, extra, gpus_per_node=args.gpus_per_node, cpu=args.cpu,
-                storage=args.storage, force=args.force)
+                storage=args.storage, force=args.force, faults=args.faults)
 
 
 def cmd_jobs(args, extra: list[str]) -> None:
@@ -295,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--storage", default=os.environ.get("TRMGPT_STORAGE"),
                    help="where the run lives: $STORAGE/<run id> (s3://, gs://); required "
                    "(default $TRMGPT_STORAGE)")
+    p.add_argument("--faults", help=argparse.SUPPRESS)  # tests: TRMGPT_FAULTS for this job only
     p.add_argument("--force", action="store_true",
                    help="send even if the cluster lacks the resources now (nodes still "
                    "starting, an autoscaler that will add them)")

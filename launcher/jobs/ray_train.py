@@ -501,3 +501,58 @@ def print_next_steps(run_dir: str, step: int) -> None:
           f"  resume       make train RUN={rid} ARGS=\"--resume latest --max-steps N\"\n"
           f"  evaluate     make eval RUN={rid}\n"
           f"  sample       make sample RUN={rid} PROMPT=\"ROMEO:\"", file=sys.stdout, flush=True)
+
+
+class DriverLog:
+    """A cluster job's driver output (its own lines and the workers' Ray streams to it) copied
+    into $RUN/logs/<start>.log, every `every` seconds and at the end: the head's job logs go
+    with `ray down`, the bucket's stay for `make logs` with no cluster."""
+
+    def __init__(self, run_dir: str, every: float = 30.0) -> None:
+        import threading
+
+        from launcher.engine.metrics import RunFolder
+
+        self.folder = RunFolder(run_dir)
+        self.name = f"logs/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        self.local = self.folder.local / self.name
+        self.local.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.local, "a", buffering=1)
+        self.streams = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self.file), _Tee(sys.stderr, self.file)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, args=(every,), daemon=True)
+        self.thread.start()
+
+    def _loop(self, every: float) -> None:
+        while not self.done.wait(every):
+            self.upload()
+
+    def upload(self) -> None:
+        try:
+            self.file.flush()
+            self.folder.fs.put_file(str(self.local), f"{self.folder.root}/{self.name}")
+        except Exception as e:  # the run goes on without its log copy
+            self.streams[1].write(f"(could not copy the driver log to the bucket: {e})\n")
+
+    def close(self) -> None:
+        self.done.set()
+        sys.stdout, sys.stderr = self.streams
+        self.upload()
+        self.file.close()
+
+
+class _Tee:
+    def __init__(self, stream, file) -> None:
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
