@@ -33,7 +33,6 @@ need_run = $(if $(strip $(RUN)),,$(error RUN is missing: make $@ RUN=<run id> (t
 need_nodes = $(if $(shell [[ "$(NODES)" =~ ^[1-9][0-9]*$$ ]] && echo ok),,$(error NODES must be a whole number >= 1, got '$(NODES)'))
 need_workers = $(if $(shell [[ "$(WORKERS)" =~ ^[1-9][0-9]*$$ ]] && echo ok),,$(error WORKERS must be a whole number >= 1, got '$(WORKERS)'))
 need_preset = $(if $(wildcard configs/presets/$(PRESET).yaml),,$(error unknown PRESET '$(PRESET)'; choose one of: $(basename $(notdir $(wildcard configs/presets/*.yaml)))))
-need_storage = $(if $(strip $(STORAGE)$(TRMGPT_STORAGE)),,$(error STORAGE is missing: a cluster run lives in $$STORAGE/<run id>/ (the one place every node shares): make $@ STORAGE=s3://bucket/prefix ...))
 need_cloud = $(if $(filter $(CLOUD),aws gcp),,$(error CLOUD must be aws or gcp, got '$(CLOUD)'))$(if $(filter $(GPU),a100 h100),,$(error GPU must be a100 or h100, got '$(GPU)'))
 
 .PHONY: help setup test test-fast lint format train describe eval sample export plot \
@@ -104,8 +103,8 @@ dashboard: $(STAMP)  ## SSH tunnel to the head's dashboard and job API on localh
 	$(BIN)/python -m cluster dashboard --cloud $(CLOUD) --gpu $(GPU)
 
 submit: $(STAMP)  ## submit a Ray job: STORAGE=s3://... PRESET=B NODES=4 [CPU=1] ARGS="--n_loops=4" (prints the run id)
-	$(need_preset)$(need_nodes)$(need_storage)
-	$(BIN)/python -m launcher submit --preset $(PRESET) --nodes $(NODES) $(if $(strip $(CPU)),--cpu) $(ARGS)
+	$(need_preset)$(need_nodes)
+	$(BIN)/python -m launcher submit --preset $(PRESET) --nodes $(NODES)$(if $(strip $(CPU)), --cpu) $(ARGS)
 
 resume: $(STAMP)  ## resubmit a run with --resume latest: RUN=<id> [ARGS="--max-steps N"]
 	$(need_run)

@@ -57,16 +57,25 @@ class Node:
     def __init__(self, root: Path, logs: Path, env: dict, name: str, head: Node | None = None,
                  cpus: int = 1) -> None:
         self.name = name
+        # every port chosen here: with a port of 0 the raylet waits for its agents to write
+        # theirs to a file, and gives up (a crash) when a loaded machine is slow
+        agent, agent_grpc, rt_env, metrics, nm, om = (free_port() for _ in range(6))
         ray = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
-               "--num-cpus", str(cpus), "--disable-usage-stats", "--temp-dir", str(root / "ray")]
+               "--num-cpus", str(cpus), "--disable-usage-stats", "--temp-dir", str(root / "ray"),
+               "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port",
+               str(agent_grpc), "--runtime-env-agent-port", str(rt_env),
+               "--metrics-export-port", str(metrics), "--node-manager-port", str(nm),
+               "--object-manager-port", str(om)]
         if head is None:
             self.port, self.dash = free_port(), free_port()
             ray += ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
-                    "--dashboard-port", str(self.dash)]
+                    "--dashboard-port", str(self.dash), "--ray-client-server-port",
+                    str(free_port())]
         else:
             ray += ["--address", f"127.0.0.1:{head.port}"]
+        # a node that dies leaves its Ray logs where the test can read them
         setup = (f"mount -t tmpfs -o size=3g tmpfs {root} && mkdir -p {root}/home {root}/cache "
-                 f"&& exec \"$@\"")
+                 f"&& \"$@\"; cp -r {root}/ray/session_latest/logs {logs}/{name}-ray-logs")
         self.log = open(logs / f"{name}.log", "w")
         self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
                                       setup, "sh", *ray], env=env, stdout=self.log,
@@ -125,17 +134,21 @@ class Cluster:
                            "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
     def add_worker(self) -> Node:
-        n = Node(self.root, self.host, self.node_env, f"worker{len(self.workers)}", self.head)
+        # the head enabled token auth by itself (a token exists); a node joining it is told
+        # (Ray's cluster launcher and cluster/ set RAY_AUTH_MODE=token on every node)
+        n = Node(self.root, self.host, {**self.node_env, "RAY_AUTH_MODE": "token"},
+                 f"worker{len(self.workers)}", self.head)
         self.workers.append(n)
         return n
 
     def alive(self) -> int:
-        code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-                "print(sum(n['Alive'] for n in ray.nodes()))")
-        env = {**self.client_env, "RAY_AUTH_MODE": "token"}  # ray.init's own client
-        env.pop("RAY_ADDRESS")
-        res = subprocess.run([str(BIN / "python"), "-c", code, f"127.0.0.1:{self.head.port}"],
-                             env=env, capture_output=True, text=True, timeout=120)
+        """Alive nodes, as the laptop sees them (the dashboard's state API: a driver here could
+        not attach, the head's raylet socket is in the head's namespace)."""
+        code = ("from launcher.jobs.ray_jobs import client, cluster_nodes; "
+                "print(len(cluster_nodes(client())))")
+        res = subprocess.run([str(BIN / "python"), "-c", code], cwd=REPO,
+                             env={**self.client_env, "PYTHONPATH": str(REPO)},
+                             capture_output=True, text=True, timeout=120)
         return int(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else 0
 
     def wait_nodes(self, n: int, timeout: float = 300) -> None:
@@ -156,8 +169,9 @@ class Cluster:
 def cluster(s3, tmp_path_factory):
     c = Cluster(s3)
     try:
-        time.sleep(3)
+        c.wait_nodes(1)  # a node joins a head that is up
         c.add_worker()
+        c.wait_nodes(2)
         c.add_worker()
         c.wait_nodes(3)
         # the pre-tokenized corpus, tokenized here and put in the bucket: the nodes read it there
@@ -227,7 +241,7 @@ def losses_of(text: str) -> dict[int, list[float]]:
 def test_submit_refusals_say_what_is_missing(cluster):
     c = cluster
     res = make(c, "submit", "NODES=1", "CPU=1", check=False)
-    assert res.returncode != 0 and "STORAGE is missing" in res.stderr
+    assert res.returncode != 0 and "STORAGE is required" in res.stderr
     res = make(c, "submit", "NODES=2", f"STORAGE={c.storage}", check=False)
     assert res.returncode != 0, res.stdout
     assert "no GPU" in res.stderr and "3 node(s)" in res.stderr and "CPU=1" in res.stderr

@@ -185,6 +185,9 @@ def submit(preset: str, nodes: int, extra: list[str], *, gpus_per_node: int | No
 
     if nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {nodes}")
+    # what needs no cluster first: the config (as for the cluster's usual nodes), STORAGE
+    per0 = 1 if cpu else (gpus_per_node or 8)
+    run_config_from(preset, extra, nodes * per0, per0)
     root = storage_url(storage)
     c = client(addr)
     try:
@@ -194,7 +197,7 @@ def submit(preset: str, nodes: int, extra: list[str], *, gpus_per_node: int | No
             raise
         per = 1 if cpu else (gpus_per_node or 8)
         workers, cpus = nodes * per, 1
-    run_config_from(preset, extra, workers, per)  # refusals name the rule
+    run_config_from(preset, extra, workers, per)  # again, for this cluster's nodes
     run_id = run_id or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = f"{root}/{run_id}"
     argv = train_argv(preset, workers, per, cpus, cpu, run_dir, extra)
