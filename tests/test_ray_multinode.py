@@ -55,12 +55,12 @@ class Node:
     caches, staging and Ray session are its alone."""
 
     def __init__(self, root: Path, logs: Path, env: dict, name: str, head: Node | None = None,
-                 cpus: int = 1) -> None:
+                 cpus: int = 1, ip: str = "127.0.0.1") -> None:
         self.name = name
         # every port chosen here: with a port of 0 the raylet waits for its agents to write
         # theirs to a file, and gives up (a crash) when a loaded machine is slow
         agent, agent_grpc, rt_env, metrics, nm, om = (free_port() for _ in range(6))
-        ray = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
+        ray = [str(BIN / "ray"), "start", "--block", "--node-ip-address", ip,
                "--num-cpus", str(cpus), "--disable-usage-stats", "--temp-dir", str(root / "ray"),
                "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port",
                str(agent_grpc), "--runtime-env-agent-port", str(rt_env),
@@ -136,8 +136,10 @@ class Cluster:
     def add_worker(self) -> Node:
         # the head enabled token auth by itself (a token exists); a node joining it is told
         # (Ray's cluster launcher and cluster/ set RAY_AUTH_MODE=token on every node)
+        # an address of its own on loopback (127.0.0.2, .3): Ray tells nodes (and Ray Train
+        # its local ranks) apart by IP, as on a real cluster
         n = Node(self.root, self.host, {**self.node_env, "RAY_AUTH_MODE": "token"},
-                 f"worker{len(self.workers)}", self.head)
+                 f"worker{len(self.workers)}", self.head, ip=f"127.0.0.{len(self.workers) + 2}")
         self.workers.append(n)
         return n
 
@@ -163,6 +165,7 @@ class Cluster:
             n.log.close()
         time.sleep(1)
         shutil.rmtree(self.root, ignore_errors=True)  # the host's view: nodes wrote nothing here
+        shutil.rmtree(self.host, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -245,7 +245,7 @@ def last_row(run_dir: str | None) -> dict[str, Any]:
         fs, path = fsspec.core.url_to_fs(f"{run_dir}/metrics.jsonl")
         size = fs.size(path)
         tail = fs.cat_file(path, start=max(0, size - 8192), end=size).decode(errors="replace")
-    except (FileNotFoundError, OSError):
+    except Exception:  # not written yet, or this machine can't read the bucket: no figures
         return {}
     for line in reversed(tail.splitlines()):
         try:
