@@ -82,11 +82,20 @@ class Node:
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def pids(self) -> set[int]:
+        """Every process of this node: those in its mount namespace (Ray's workers need not stay
+        in the raylet's process tree)."""
         try:
-            p = psutil.Process(self.proc.pid)
-            return {p.pid, *(c.pid for c in p.children(recursive=True))}
-        except psutil.Error:
+            ns = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
+        except OSError:
             return set()
+        out = set()
+        for pid in psutil.pids():
+            try:
+                if os.readlink(f"/proc/{pid}/ns/mnt") == ns:
+                    out.add(pid)
+            except OSError:
+                pass
+        return out
 
     def kill(self) -> None:
         """SIGKILL the node: its raylet, its workers, everything in its process group."""

@@ -142,6 +142,7 @@ def node_preflight(launch: Launch) -> None:
     rank = ctx.get_world_rank()
     rec: dict[str, Any] = {"rank": rank, "local_rank": ctx.get_local_rank(),
                            "node": ray.get_runtime_context().get_node_id(),
+                           "ip": ray.util.get_node_ip_address(),
                            "host": socket.gethostname(), "pid": os.getpid(), "errors": []}
     folder = RunFolder(launch.run_dir)
     probe = f"preflight/rank_{rank:05d}-{os.getpid()}"
