@@ -117,9 +117,9 @@ logs: $(STAMP)  ## a run's job logs: RUN=<id> [ARGS=--follow]
 status: $(STAMP)  ## every run on the cluster: state, step, loss, tokens/s (from each run's bucket)
 	$(BIN)/python -m launcher status
 
-stop: $(STAMP)  ## checkpoint, then stop a run's job: RUN=<id>
+stop: $(STAMP)  ## checkpoint, then stop a run's job: RUN=<id> [ARGS="--wait S"]
 	$(need_run)
-	$(BIN)/python -m launcher stop --run $(RUN)
+	$(BIN)/python -m launcher stop --run $(RUN) $(ARGS)
 
 # One process with make train's global batch (2 workers x 4 sequences of 256 tokens).
 study: $(STAMP)  ## does the recursion earn its compute? -> bench/STUDY.md, bench/study.png (about 15 min)

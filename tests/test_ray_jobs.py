@@ -206,7 +206,7 @@ def test_stop_checkpoints_then_stops_a_running_job(head):
         assert time.time() < end, make(head, "logs", f"RUN={run}").stdout[-3000:]
         time.sleep(2)
         fs.invalidate_cache()
-    res = make(head, "stop", f"RUN={run}")
+    res = make(head, "stop", f"RUN={run}", "ARGS=--wait 240")
     assert "checkpointed and stopped" in res.stdout, res.stdout
     st = wait_for(head, run, {"STOPPED", "FAILED", "SUCCEEDED"}, timeout=60)
     assert st["state"] == "SUCCEEDED", st  # it left by itself, at a checkpoint

@@ -190,7 +190,11 @@ class RunFolder:
 
     def exists(self, rel: str) -> bool:
         if self.remote:
-            return self.fs.exists(f"{self.root}/{rel}")
+            path = f"{self.root}/{rel}"
+            # s3fs/gcsfs answer from a cached listing of the folder when they have one: a file
+            # written since (by another node, by `make stop`) would never be seen
+            self.fs.invalidate_cache(path.rsplit("/", 1)[0])
+            return self.fs.exists(path)
         return (self.local / rel).exists()
 
     def read_text(self, rel: str) -> str:
@@ -206,7 +210,7 @@ class RunFolder:
             return self.local
         for n in names:
             dst = self.local / n
-            if self.fs.exists(f"{self.root}/{n}"):
+            if self.exists(n):
                 tmp = dst.with_name(f".{n}.{os.getpid()}")
                 self.fs.get_file(f"{self.root}/{n}", str(tmp))
                 os.replace(tmp, dst)
