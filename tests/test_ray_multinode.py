@@ -188,7 +188,8 @@ def cluster(s3, tmp_path_factory):
         c.wait_nodes(3)
         # the pre-tokenized corpus, tokenized here and put in the bucket: the nodes read it there
         tmp = tmp_path_factory.mktemp("data")
-        write_txt_corpus(tmp / "plays", speeches()[:60])
+        # enough text that the held-out split holds whole samples (`make eval` reads one pass)
+        write_txt_corpus(tmp / "plays", speeches()[:240])
         env = {**c.client_env, "PYTHONPATH": str(REPO)}
         subprocess.run([str(BIN / "python"), "-m", "data_pipeline", "tokenize", "--data",
                         str(tmp / "plays"), "--out", str(tmp / "tok"), "--tokenizer",
