@@ -218,11 +218,13 @@ def restarted_cleanup(launch: Launch, root: str) -> bool:
         dist.barrier()  # everyone has looked before rank 0 changes anything
     if leftovers and ray.train.get_context().get_world_rank() == 0:
         gone = ckpt.drop_incomplete()
-        if folder.exists("metrics.jsonl"):
+        rows = folder.exists("metrics.jsonl")
+        if rows:
             folder.move_aside("metrics.jsonl", "metrics.lost-attempt.jsonl")
         print(f"restart before the first complete checkpoint: dropped {gone or 'no'} "
-              "incomplete checkpoint(s), the lost attempt's metrics kept in "
-              "metrics.lost-attempt.jsonl; starting over", flush=True)
+              "incomplete checkpoint(s)" + ("; the lost attempt's metrics kept in "
+                                            "metrics.lost-attempt.jsonl" if rows else "")
+              + "; starting over", flush=True)
     if dist.is_initialized():
         dist.barrier()
     return leftovers
