@@ -20,6 +20,13 @@ ARGS ?=
 CLOUD ?= aws
 GPU ?= a100
 PROMPT ?= ROMEO:
+CPU ?=
+# Where cluster runs live ($STORAGE/<run id>/): required by submit; plot/eval/sample/logs read a
+# run that is not in runs/ from there
+STORAGE ?=
+ifneq ($(strip $(STORAGE)),)
+export TRMGPT_STORAGE := $(STORAGE)
+endif
 
 # Checks that run before a target's command: a clear message and a non-zero exit, nothing started.
 need_run = $(if $(strip $(RUN)),,$(error RUN is missing: make $@ RUN=<run id> (the folder name under runs/, or the id `make submit` printed)))
@@ -33,7 +40,7 @@ need_cloud = $(if $(filter $(CLOUD),aws gcp),,$(error CLOUD must be aws or gcp, 
 
 help:  ## this list
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: PRESET=$(PRESET) WORKERS=$(WORKERS) NODES=$(NODES) CLOUD=$(CLOUD) GPU=$(GPU) RUN=<id> ARGS=\"--key value ...\""
+	@echo "  variables: PRESET=$(PRESET) WORKERS=$(WORKERS) NODES=$(NODES) CLOUD=$(CLOUD) GPU=$(GPU) RUN=<id> STORAGE=s3://... CPU=1 ARGS=\"--key value ...\""
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -92,7 +99,7 @@ describe: $(STAMP)  ## dry run: config, params, FLOPs, memory; a recipe's tokens
 	$(need_preset)$(need_nodes)
 	$(BIN)/python -m launcher describe --preset $(PRESET) --nodes $(NODES) $(ARGS)
 
-eval: $(STAMP)  ## val loss, bits per byte, loss per supervision step: RUN=<id>
+eval: $(STAMP)  ## val loss, bits per byte, loss per supervision step: RUN=<id> [STORAGE= for a cluster run]
 	$(need_run)
 	$(BIN)/python -m launcher eval --run-dir $(RUN_DIR) $(ARGS)
 
@@ -104,7 +111,7 @@ export: $(STAMP)  ## EMA weights to runs/<id>/export.safetensors: RUN=<id>
 	$(need_run)
 	$(BIN)/python -m launcher export --run-dir $(RUN_DIR) --out $(RUN_DIR)/export.safetensors $(ARGS)
 
-plot: $(STAMP)  ## loss, per-step losses, refinement -> runs/<id>/plots/*.png: RUN=<id>
+plot: $(STAMP)  ## loss, per-step losses, refinement -> runs/<id>/plots/*.png: RUN=<id> [STORAGE=]
 	$(need_run)
 	$(BIN)/python -m launcher plot --run-dir $(RUN_DIR)
 
@@ -120,9 +127,9 @@ dashboard: $(CLOUD_STAMP)  ## SSH tunnel to the head's dashboard and job API on 
 	$(need_cloud)
 	$(BIN)/python -m cluster dashboard --cloud $(CLOUD) --gpu $(GPU)
 
-submit: $(STAMP)  ## submit a Ray job: PRESET=B NODES=4 ARGS="--n_loops=4" (prints the run id)
+submit: $(STAMP)  ## submit a Ray job: STORAGE=s3://... PRESET=B NODES=4 [CPU=1] ARGS="--n_loops=4" (prints the run id)
 	$(need_preset)$(need_nodes)
-	$(BIN)/python -m launcher submit --preset $(PRESET) --nodes $(NODES) $(ARGS)
+	$(BIN)/python -m launcher submit --preset $(PRESET) --nodes $(NODES)$(if $(strip $(CPU)), --cpu) $(ARGS)
 
 resume: $(STAMP)  ## resubmit a run with --resume latest: RUN=<id> [ARGS="--max-steps N"]
 	$(need_run)
@@ -132,12 +139,12 @@ logs: $(STAMP)  ## a run's job logs: RUN=<id> [ARGS=--follow]
 	$(need_run)
 	$(BIN)/python -m launcher logs --run $(RUN) $(ARGS)
 
-status: $(STAMP)  ## every run on the cluster: state, step, loss, tokens/s
+status: $(STAMP)  ## every run on the cluster: state, step, loss, tokens/s (from each run's bucket)
 	$(BIN)/python -m launcher status
 
-stop: $(STAMP)  ## stop a run's job: RUN=<id>
+stop: $(STAMP)  ## checkpoint, then stop a run's job: RUN=<id> [ARGS="--wait S"]
 	$(need_run)
-	$(BIN)/python -m launcher stop --run $(RUN)
+	$(BIN)/python -m launcher stop --run $(RUN) $(ARGS)
 
 # One process with make train's global batch (2 workers x 4 sequences of 256 tokens).
 # TASK=addition|perm|pointer: the depth-task study instead of Shakespeare (its own section of

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -112,7 +113,12 @@ def test_make_train_from_a_fresh_copy_then_eval_and_sample(tmp_path):
     assert (run_dir / "checkpoints" / "step_00000004" / "COMPLETE").exists()
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]
     res = run([*make, "eval", "RUN=first", "ARGS=--batches 1"], cwd=clone, PYTHONPATH=str(clone))
-    assert "val_bpb" in res.stdout
+    ev = json.loads(res.stdout[res.stdout.index("{"):])
+    # the run's weights, not noise: better than a uniform guess over the vocabulary (what fresh
+    # weights give), and bits per byte are that loss over the bytes each token stands for
+    vocab = json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"]
+    assert 0 < ev["val_loss"] < math.log(vocab) - 0.5, ev
+    assert 0 < ev["val_bpb"] < ev["val_loss"] / math.log(2), ev
     res = run([*make, "sample", "RUN=first", "PROMPT=ROMEO:", "ARGS=--max-new-tokens 8"],
               cwd=clone, PYTHONPATH=str(clone))
     assert res.stdout.splitlines()[0].startswith(".venv/bin/python -m launcher sample")
@@ -175,7 +181,8 @@ def test_sigkilled_worker_restarts_group_and_resumes_to_identical_weights(tmp_pa
 # ----------------------------------------------------------------------------- extend
 def test_extending_a_run_with_a_larger_max_steps_continues(tmp_path):
     """The streaming loader's fix, on one plain process (the Ray path resumes the same way: the
-    Jobs test extends a run through `make resume`)."""
+    Jobs test extends a run through `make resume`): the data goes on where it stopped, to the
+    position an 8-step run reaches."""
     run_dir = tmp_path / "ext"
     plain = [sys.executable, "-m", "launcher", "train", "--preset", "tiny", "--run-dir",
              str(run_dir), *SMALL]
@@ -191,6 +198,18 @@ def test_extending_a_run_with_a_larger_max_steps_continues(tmp_path):
     state = json.loads((run_dir / "checkpoints" / "step_00000008" / "trmgpt" / "state.json")
                        .read_text())
     assert state["step"] == 8 and (run_dir / "checkpoints" / "step_00000008" / "COMPLETE").exists()
+    # the data continued: after 4 + 4 steps the stream stands where 8 straight steps leave it
+    # (restarting it, or skipping, would leave it elsewhere)
+    straight = tmp_path / "straight"
+    run([sys.executable, "-m", "launcher", "train", "--preset", "tiny", "--run-dir",
+         str(straight), *SMALL, "--max-steps", "8"])
+
+    def data_at(d: Path, step: int) -> dict:
+        f = d / "checkpoints" / f"step_{step:08d}" / "trmgpt" / "rank_00000.json"
+        return json.loads(f.read_text())["data"]
+
+    assert data_at(run_dir, 8) == data_at(straight, 8)
+    assert data_at(run_dir, 4) != data_at(run_dir, 8)
     # through Ray, a fresh start into the same folder, or a resume of nothing, is refused before
     # Ray starts
     res = launch(ray_train(run_dir, "--max-steps", "8", workers=1), timeout=120)

@@ -95,6 +95,18 @@ class Checkpointer:
         """Tags whose COMPLETE marker exists, oldest first."""
         return [t for t in self.tags() if self.fs.exists(f"{self.root_path}/{t}/{MARKER}")]
 
+    def drop_incomplete(self) -> list[str]:
+        """Delete the tags without COMPLETE (what a group lost while saving left behind) and
+        this node's staged copies of them; returns their names. Only the run's own restarted
+        group calls this: a fresh driver refuses a folder holding any tag."""
+        done = set(self.complete_tags())
+        gone = [t for t in self.tags() if t not in done]
+        for t in gone:
+            self.fs.rm(f"{self.root_path}/{t}", recursive=True)
+            if self.remote:
+                shutil.rmtree(self.local / t, ignore_errors=True)
+        return gone
+
     # ------------------------------------------------------------------ save
     def save(self, step: int, engine, state: dict[str, Any], rank_tensors: dict[str, Any],
              rank_json: dict[str, Any]) -> str:
@@ -118,6 +130,7 @@ class Checkpointer:
             if (self.local / "zero_to_fp32.py").exists():
                 self.fs.put(str(self.local / "zero_to_fp32.py"), f"{self.root_path}/")
         barrier()
+        fault_hook("kill_after_upload", step)  # every shard in storage, no COMPLETE yet
         if self.remote and self.info.local_rank == 0:
             shutil.rmtree(self.local / tag, ignore_errors=True)  # uploaded: free the node's disk
         if r == 0:
@@ -240,12 +253,19 @@ def faults_at(name: str) -> set[int]:
 
 
 # ------------------------------------------------------------------ the trainer's side of it
-def run_checkpointer(run: RunConfig, run_path: Path, info: DistInfo) -> Checkpointer:
-    """The run's checkpoints (RUN_DIR/checkpoints or checkpoint_dir); a remote root is staged
-    under $TRMGPT_CACHE, in a folder of its own (keyed by the whole URL)."""
-    cache = Path(os.environ.get("TRMGPT_CACHE", Path.home() / ".cache" / "trmgpt"))
-    return Checkpointer(run.train.checkpoint_dir or str(run_path / "checkpoints"), info,
-                        run.train.keep_last, cache)
+def checkpoint_root(run: RunConfig, run_dir: str | Path) -> str:
+    """checkpoint_dir, else RUN_DIR/checkpoints (a path or a URL: $STORAGE/<run id>/...)."""
+    from launcher.engine.metrics import join
+
+    return (run.train.checkpoint_dir or join(str(run_dir), "checkpoints")).rstrip("/")
+
+
+def run_checkpointer(run: RunConfig, run_dir: str | Path, info: DistInfo) -> Checkpointer:
+    """The run's checkpoints (checkpoint_root); a remote root is staged under $TRMGPT_CACHE, in
+    a folder of its own (keyed by the whole URL)."""
+    from launcher.engine.metrics import cache_root
+
+    return Checkpointer(checkpoint_root(run, run_dir), info, run.train.keep_last, cache_root())
 
 
 def earlier_run(run_path: Path, ckpt: Checkpointer) -> str | None:

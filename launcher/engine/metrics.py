@@ -143,3 +143,101 @@ def progress_line(step: int, m: dict[str, Any]) -> str:
             f"{m['refinement']:+.3f} | {m['tokens_per_s']:,.0f} tok/s | MFU {mfu} | "
             f"mem {m['mem_gb']:.2f} GiB | lr {m['lr']:.2e} | ETA {eta / 60:.1f} min"
             + (" | SKIPPED (non-finite)" if m.get("skipped") else ""))
+
+
+def cache_root() -> Path:
+    """This node's local cache ($TRMGPT_CACHE, else ~/.cache/trmgpt): staging, downloads."""
+    return Path(os.environ.get("TRMGPT_CACHE") or Path.home() / ".cache" / "trmgpt")
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def join(base: str, rel: str) -> str:
+    """base/rel for a path or a URL (pathlib would turn s3://b into s3:/b)."""
+    return f"{str(base).rstrip('/')}/{rel}"
+
+
+class RunFolder:
+    """A run's folder. Locally a path; on a cluster a URL ($STORAGE/<run id>): the files live in
+    the bucket and each node works on a staged copy in a local folder of its own (keyed by the
+    whole URL, so two runs never share one). Rank 0 pushes config.json and metrics.jsonl back
+    (at most every `every` seconds, and at every checkpoint, eval and the end), so the run can
+    be read, plotted and resumed from the bucket alone, on any node or on a laptop."""
+
+    FILES = ("config.json", "metrics.jsonl")
+
+    def __init__(self, run_dir: str | Path, every: float = 20.0) -> None:
+        import hashlib
+
+        self.url = str(run_dir).rstrip("/")
+        self.remote = is_url(self.url)
+        self.name = self.url.rsplit("/", 1)[-1]
+        self.every = every
+        self.last_push = 0.0
+        if self.remote:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+            self.local = cache_root() / "runs" / f"{self.name}-{digest}"
+        else:
+            self.local = Path(self.url)
+
+    def join(self, rel: str) -> str:
+        return join(self.url, rel)
+
+    def exists(self, rel: str) -> bool:
+        if self.remote:
+            path = f"{self.root}/{rel}"
+            # s3fs/gcsfs answer from a cached listing of the folder when they have one: a file
+            # written since (by another node, by `make stop`) would never be seen
+            self.fs.invalidate_cache(path.rsplit("/", 1)[0])
+            return self.fs.exists(path)
+        return (self.local / rel).exists()
+
+    def read_text(self, rel: str) -> str:
+        if self.remote:
+            return self.fs.cat_file(f"{self.root}/{rel}").decode()
+        return (self.local / rel).read_text()
+
+    def pull(self, names: tuple[str, ...] = FILES) -> Path:
+        """Make the local copy of these files what the bucket holds (absent there: absent
+        here, so a lost attempt's rows left on this node's disk never count)."""
+        self.local.mkdir(parents=True, exist_ok=True)
+        if not self.remote:
+            return self.local
+        for n in names:
+            dst = self.local / n
+            if self.exists(n):
+                tmp = dst.with_name(f".{n}.{os.getpid()}")
+                self.fs.get_file(f"{self.root}/{n}", str(tmp))
+                os.replace(tmp, dst)
+            elif dst.exists():
+                dst.unlink()
+        return self.local
+
+    def push(self, force: bool = False, names: tuple[str, ...] = FILES) -> None:
+        """Upload the staged files (rank 0 only calls this). Each object is replaced whole."""
+        if not self.remote or (not force and time.time() - self.last_push < self.every):
+            return
+        for n in names:
+            src = self.local / n
+            if src.exists():
+                self.fs.put_file(str(src), f"{self.root}/{n}")
+        self.last_push = time.time()
+
+    def push_tree(self, rel: str) -> None:
+        """Upload a folder (the offline wandb files) at the end of a run."""
+        src = self.local / rel
+        if self.remote and src.is_dir():
+            self.fs.put(str(src), f"{self.root}/", recursive=True)
+
+    def move_aside(self, rel: str, new: str) -> None:
+        """Rename a file in the run folder (the bucket's copy too)."""
+        if self.remote and self.fs.exists(f"{self.root}/{rel}"):
+            self.fs.mv(f"{self.root}/{rel}", f"{self.root}/{new}")
+        p = self.local / rel
+        if p.exists():
+            p.rename(p.with_name(new))

@@ -17,8 +17,13 @@ from the environment.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,27 +51,43 @@ from launcher.engine.dist import (
 )
 from launcher.engine.ema_shards import ema_load, ema_record, ema_tensors, swapped_in_ema
 from launcher.engine.evaluate import VAL_SEED, evaluate, token_bytes
-from launcher.engine.metrics import MetricsLogger, drop_rows_after, memory_gb, peak_flops_per_device
+from launcher.engine.metrics import (
+    MetricsLogger,
+    RunFolder,
+    cache_root,
+    drop_rows_after,
+    memory_gb,
+    peak_flops_per_device,
+)
 from launcher.engine.parallelize import parallelize, resolve_precision
 from launcher.engine.step import train_step
 from model import EMA
 
 
 def train(run: RunConfig, run_dir: str, resume: str | None = None,
-          stop_at: int | None = None, on_checkpoint=None) -> int:
+          stop_at: int | None = None, on_checkpoint=None, control=None) -> int:
     """Train until max_steps, or checkpoint and leave at step stop_at (a job segment: the
     schedule still runs to max_steps on resume). Returns the exit code (0 ok, 3 NaNs).
+    run_dir: a path, or a URL ($STORAGE/<run id>) whose files are staged on each node.
     on_checkpoint(step, path), if given, is called on every rank once a checkpoint is complete
-    (the Ray layer registers it with ray.train.report)."""
+    (the Ray layer registers it with ray.train.report). control(step), if given, is called on
+    every rank every log_every steps and returns None, "save" (a checkpoint now: a preemption
+    notice) or "stop" (a checkpoint now, then leave: `make stop`); every rank must get the
+    same answer."""
     info = init_distributed()
     t = run.train
     torch.manual_seed(t.seed + info.rank)
     random.seed(t.seed + info.rank)
-    run_path = Path(run_dir)
-    ckpt = run_checkpointer(run, run_path, info)
+    folder = RunFolder(run_dir)
+    if folder.remote:  # each node's staged copy is what the bucket holds, nothing older
+        if info.local_rank == 0:
+            folder.pull()
+        barrier()
+    run_path = folder.local
+    ckpt = run_checkpointer(run, run_dir, info)
 
     rp, universal = where_to_start(run, run_path, ckpt, resume, info)
-    trainer = Trainer(run, run_path, info, ckpt, universal)
+    trainer = Trainer(run, run_path, info, ckpt, universal, folder)
     if rp is not None:
         trainer.resume(rp, universal)
     trainer.open_run_dir(resumed=rp is not None)
@@ -81,11 +102,87 @@ def train(run: RunConfig, run_dir: str, resume: str | None = None,
             trainer.log_progress(step, ok)
         if step % t.eval_every == 0 or step == t.max_steps:
             trainer.evaluate(step)
-        if step % t.checkpoint_every == 0 or step == end:
+        saved = step % t.checkpoint_every == 0 or step == end
+        if saved:
             path = trainer.save(step)
             if on_checkpoint is not None:
                 on_checkpoint(step, path)
+        act = control(step) if control is not None and step % t.log_every == 0 else None
+        if act in ("save", "stop") and not saved:
+            path = trainer.save(step)
+            if on_checkpoint is not None:
+                on_checkpoint(step, path)
+        if act == "stop" and step < end:
+            print0(f"stopping at step {step} as asked, after a checkpoint; continue with "
+                   "--resume latest")
+            break
     return trainer.finish()
+
+
+def loader_is_pretok(run: RunConfig) -> bool:
+    from data_pipeline import DataSpec
+
+    t = run.train
+    return t.data_path == "pretok" or (t.data_path == "auto"
+                                       and DataSpec.parse(t.data).is_pretokenized)
+
+
+def share_index_cache(folder: RunFolder, info: DistInfo, run: RunConfig,
+                      loader_kwargs: dict[str, Any]) -> None:
+    """The megatron index of a pre-tokenized run, built once and read by every node through
+    the run's bucket (nodes share no filesystem). Megatron builds its index on global rank 0
+    and every other rank *loads* it from path_to_cache, so the files must be on each node's
+    disk before the loader is built. Global rank 0 builds it in a one-rank process of its own
+    (a megatron build with no other rank to wait for), uploads it to $RUN/index_cache/, and
+    every node's local rank 0 downloads it; the loader then finds it on every rank."""
+    if not folder.remote or info.world_size == 1 or not loader_is_pretok(run):
+        return
+    local = cache_root() / "index" / folder.local.name
+    os.environ["TRMGPT_INDEX_CACHE"] = str(local)  # read by data_pipeline.pretok
+    fs, remote = folder.fs, f"{folder.root}/index_cache"
+    key = hashlib.sha256(json.dumps(loader_kwargs, sort_keys=True).encode()).hexdigest()[:16]
+    error = None
+    if info.is_main and not fs.exists(f"{remote}/.built-{key}"):
+        try:
+            build_index_alone(local, loader_kwargs)
+            have = {p.rsplit("/", 1)[-1] for p in fs.find(remote)} if fs.exists(remote) else set()
+            for f in sorted(local.iterdir()):
+                if f.is_file() and f.name not in have:
+                    fs.put_file(str(f), f"{remote}/{f.name}")
+            fs.pipe_file(f"{remote}/.built-{key}", b"")
+        except Exception as e:  # every rank stops with it, not only this one
+            error = f"{type(e).__name__}: {e}"
+    if any_rank(error is not None):
+        raise RuntimeError(f"building the data index for {folder.url} failed on rank 0: "
+                           f"{error or 'see rank 0'}")
+    if info.local_rank == 0:
+        local.mkdir(parents=True, exist_ok=True)
+        for p in fs.find(remote):
+            name = p.rsplit("/", 1)[-1]
+            if not name.startswith(".built-") and not (local / name).exists():
+                tmp = local / f".{name}.{os.getpid()}"
+                fs.get_file(p, str(tmp))
+                os.replace(tmp, local / name)
+    barrier()
+
+
+def build_index_alone(cache: Path, loader_kwargs: dict[str, Any]) -> None:
+    """Build a loader's megatron index in a fresh one-rank process group (its own process: this
+    one already belongs to the run's group) with path_to_cache = `cache`."""
+    code = ("import json, sys, torch.distributed as d\n"
+            "d.init_process_group('gloo', init_method=sys.argv[2], rank=0, world_size=1)\n"
+            "from data_pipeline import build_loader\n"
+            "build_loader(**json.loads(sys.argv[1]))\n"
+            "d.destroy_process_group()\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT")}
+    env["TRMGPT_INDEX_CACHE"] = str(cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = subprocess.run([sys.executable, "-c", code, json.dumps(loader_kwargs),
+                              f"file://{tmp}/store"], env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr.strip()[-2000:])
 
 
 def where_to_start(run: RunConfig, run_path: Path, ckpt: Checkpointer, resume: str | None,
@@ -113,11 +210,12 @@ class Trainer:
     """What one rank holds for a run: the data, the engine, the EMA, the metrics, the counters."""
 
     def __init__(self, run: RunConfig, run_path: Path, info: DistInfo, ckpt: Checkpointer,
-                 universal: bool) -> None:
+                 universal: bool, folder: RunFolder | None = None) -> None:
         from data_pipeline import DataSpec, build_loader, load_tokenizer
 
         t, mc = run.train, run.model
         self.run, self.run_path, self.info, self.ckpt = run, run_path, info, ckpt
+        self.folder = folder or RunFolder(run_path)
         self.tok = load_tokenizer(t.tokenizer)
         if self.tok.vocab_size > mc.vocab_size:
             raise ValueError(f"vocab_size ({mc.vocab_size}) is smaller than the tokenizer's "
@@ -125,12 +223,11 @@ class Trainer:
                              f"vocab_size={self.tok.padded_vocab_size}")
         self.spec = DataSpec.parse(t.data)
         self.ga = t.grad_accum(info.world_size)
-        self.loader = build_loader(self.spec, self.tok, split="train",
-                                   batch_size=t.device_batch_size, seq_len=mc.sequence_len,
-                                   rank=info.rank, world_size=info.world_size, seed=t.seed,
-                                   num_workers=t.num_workers, path=t.data_path,
-                                   num_samples=t.max_steps * t.device_batch_size * self.ga
-                                   * info.world_size)
+        kw = self.loader_kwargs("train", t.num_workers,
+                                t.max_steps * t.device_batch_size * self.ga * info.world_size)
+        share_index_cache(self.folder, info, run, kw)
+        self.loader = build_loader(**{**kw, "spec": self.spec, "tok": self.tok,
+                                      "rank": info.rank})
         self.engine, self.model, _, self.sched = parallelize(run, info.world_size,
                                                              load_universal=universal)
         self.zero3 = t.zero_stage == 3
@@ -151,6 +248,15 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.state["step"]
+
+    def loader_kwargs(self, split: str, num_workers: int, num_samples: int) -> dict[str, Any]:
+        """build_loader's arguments as plain data (they also key the shared index cache)."""
+        t = self.run.train
+        return {"spec": t.data, "tok": t.tokenizer, "split": split,
+                "batch_size": t.device_batch_size, "seq_len": self.run.model.sequence_len,
+                "rank": 0, "world_size": self.info.world_size,
+                "seed": VAL_SEED if split == "val" else t.seed,
+                "num_workers": num_workers, "path": t.data_path, "num_samples": num_samples}
 
     # ------------------------------------------------------------------ resume
     def resume(self, rp: ResumePoint, universal: bool) -> None:
@@ -182,6 +288,7 @@ class Trainer:
             run.save(self.run_path / "config.json")
             if resumed:
                 drop_rows_after(self.run_path / "metrics.jsonl", self.step)
+            self.folder.push(force=True)  # config.json (and the trimmed metrics) in the bucket
         self.logger = MetricsLogger(self.run_path, info.is_main, run, self.state["wandb_id"])
         self.state["wandb_id"] = self.logger.run_id
         fig = run.model.summary()
@@ -189,7 +296,7 @@ class Trainer:
                f"(non-embedding) | effective depth {fig['effective_depth']} | gradient depth "
                f"{fig['gradient_depth']} | {fig['flops_per_token_train'] / 1e9:.3f} GFLOP/token "
                f"| ZeRO-{t.zero_stage} | {info.world_size} rank(s) | grad accum {self.ga} | "
-               f"{t.update_mode} | run dir {self.run_path}")
+               f"{t.update_mode} | run dir {self.folder.url}")
         if info.is_main:
             self.logger.write_figures(fig)
         self.t_last = time.time()
@@ -236,24 +343,26 @@ class Trainer:
                           / (self.peak * self.info.world_size))
         self.logger.log(step, row)
         self.t_last = time.time()
+        if self.info.is_main:
+            self.folder.push()  # at most every folder.every seconds
 
     def evaluate(self, step: int) -> None:
         """Held-out loss per supervision step and bits per byte, with the EMA weights."""
         from data_pipeline import build_loader
 
         t, mc, info = self.run.train, self.run.model, self.info
-        val_loader = build_loader(self.spec, self.tok, split="val",
-                                  batch_size=t.device_batch_size, seq_len=mc.sequence_len,
-                                  rank=info.rank, world_size=info.world_size, seed=VAL_SEED,
-                                  num_workers=0, path=t.data_path,
-                                  # every rank exactly eval_batches: ZeRO-3 gathers in step
-                                  num_samples=t.eval_batches * t.device_batch_size
-                                  * info.world_size)
+        # every rank exactly eval_batches: ZeRO-3 gathers in step
+        kw = self.loader_kwargs("val", 0, t.eval_batches * t.device_batch_size * info.world_size)
+        share_index_cache(self.folder, info, self.run, kw)
+        val_loader = build_loader(**{**kw, "spec": self.spec, "tok": self.tok,
+                                     "rank": info.rank})
         with swapped_in_ema(self.ema, self.model, self.zero3):
             metrics = evaluate(self.engine, val_loader, mc.N_sup, t.eval_batches,
                                self.token_bytes)
         if metrics:
             self.logger.log(step, metrics, force=True)
+        if info.is_main:
+            self.folder.push(force=True)
 
     def save(self, step: int) -> str:
         """A complete checkpoint of this step; returns its path."""
@@ -267,6 +376,8 @@ class Trainer:
         rank_tensors = {"rng": rng_t, "ema": shadow if (self.zero3 or self.info.is_main) else {}}
         self.last_good = self.ckpt.save(step, self.engine, full_state, rank_tensors,
                                         {"data": data_state, "py_rng": py_rng})
+        if self.info.is_main:  # the metrics up to a checkpoint go with it
+            self.folder.push(force=True)
         return f"{self.ckpt.root}/{self.last_good}"
 
     def stop_nonfinite(self, step: int) -> int:
@@ -276,14 +387,19 @@ class Trainer:
         self.logger.log(step, {"event": "stopped_nonfinite",
                                "nonfinite_total": self.state["nonfinite_total"]}, force=True)
         self.logger.finish()
+        if self.info.is_main:
+            self.folder.push(force=True)
         return 3
 
     def finish(self) -> int:
         barrier()
         print0(f"done: {self.step} steps, {self.state['tokens']:,} tokens. run dir: "
-               f"{self.run_path} | metrics: {self.run_path / 'metrics.jsonl'} | checkpoints: "
-               f"{self.ckpt.root} | plots: make plot RUN={self.run_path.name}")
+               f"{self.folder.url} | metrics: {self.folder.join('metrics.jsonl')} | checkpoints: "
+               f"{self.ckpt.root} | plots: make plot RUN={self.folder.name}")
         self.logger.finish()
+        if self.info.is_main:
+            self.folder.push(force=True)
+            self.folder.push_tree("wandb")  # offline wandb files: gone with the node otherwise
         return 0
 
 

@@ -20,14 +20,20 @@ def default_run_dir(preset: str) -> str:
 
 def check_run_dir(run: RunConfig, run_dir: str, resume: str | None) -> None:
     """Refuse, before any rank or Ray starts, a fresh run into a used folder (its pruning would
-    delete the earlier run's checkpoints and mix its metrics) and a resume of nothing."""
+    delete the earlier run's checkpoints and mix its metrics) and a resume of nothing. A URL
+    run folder ($STORAGE/<id>) is judged by what the bucket holds. A preset recipe whose
+    tokenizer or data is missing is refused too, naming the make target that makes it."""
     from launcher.engine.checkpoint import earlier_run, run_checkpointer
+    from launcher.engine.config import check_inputs
     from launcher.engine.dist import DistInfo
+
+    check_inputs(run)
+    from launcher.engine.metrics import RunFolder
     from launcher.jobs.ray_train import checkpoint_root, complete_tags
 
     if resume is None:
-        conflict = earlier_run(Path(run_dir), run_checkpointer(run, Path(run_dir),
-                                                               DistInfo(0, 1, 0)))
+        local = RunFolder(run_dir).pull() if "://" in run_dir else Path(run_dir)
+        conflict = earlier_run(local, run_checkpointer(run, run_dir, DistInfo(0, 1, 0)))
         if conflict:
             raise ValueError(conflict)
     elif resume == "latest" and not complete_tags(checkpoint_root(run, run_dir)):
@@ -37,10 +43,12 @@ def check_run_dir(run: RunConfig, run_dir: str, resume: str | None) -> None:
 
 def lr_note(run, run_dir: str) -> str | None:
     """What the schedule does when a resumed run's horizon changes (extending a run)."""
-    saved = Path(run_dir) / "config.json"
-    if not saved.exists():
+    from launcher.engine.metrics import RunFolder
+
+    folder = RunFolder(run_dir)
+    if not folder.exists("config.json"):
         return None
-    old = json.loads(saved.read_text())["train"]["max_steps"]
+    old = json.loads(folder.read_text("config.json"))["train"]["max_steps"]
     new = run.train.max_steps
     if old == new:
         return None
@@ -65,10 +73,17 @@ def cmd_train_ray(args, extra: list[str]) -> None:
     hi = args.workers
     run = run_config(args, extra, hi)
     run_dir = (os.path.abspath(os.path.expanduser(args.run_dir)) if "://" not in args.run_dir
-               else args.run_dir)
-    storage = os.environ.get("TRMGPT_STORAGE")  # the cluster's shared checkpoint storage
-    if storage and args.address and not run.train.checkpoint_dir:
-        run.train.checkpoint_dir = f"{storage.rstrip('/')}/{Path(run_dir).name}/checkpoints"
+               else args.run_dir.rstrip("/"))
+    if "://" in run_dir:
+        from launcher.engine.metrics import RunFolder
+
+        # the saved config names where the checkpoints are: eval/sample/export from a laptop
+        # read it from the bucket and find them there
+        if not run.train.checkpoint_dir:
+            run.train.checkpoint_dir = f"{run_dir}/checkpoints"
+        folder = RunFolder(run_dir)
+        if folder.exists("control/stop"):  # a `make stop` of an earlier job of this run
+            folder.fs.rm(f"{folder.root}/control/stop")
     check_run_dir(run, run_dir, args.resume)
     if args.resume and (note := lr_note(run, run_dir)):
         print(note, flush=True)
@@ -78,17 +93,23 @@ def cmd_train_ray(args, extra: list[str]) -> None:
         ray_train.preflight(run)
     finally:
         os.chdir(cwd)
+    log = ray_train.DriverLog(run_dir) if args.address and "://" in run_dir else None
     print(f"launching {run.preset} on Ray: {workers} worker(s), run dir {run_dir}", flush=True)
     try:
         step = ray_train.fit(run, run_dir, workers, resume=args.resume,
                              stop_after=args.stop_after, address=args.address,
                              max_failures=args.max_failures,
                              use_gpu=True if args.gpu else None,
-                             gpus_per_node=args.gpus_per_node)
+                             gpus_per_node=args.gpus_per_node,
+                             cpus_per_worker=args.cpus_per_worker)
     except ray_train.RunFailed as e:
-        raise SystemExit(f"error: the run failed: {e}") from None
+        print(f"error: the run failed: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        if log is not None:
+            log.close()
     if args.address:  # a cluster job: its logs end with what the user does next
-        rid = Path(run_dir).name
+        rid = run_dir.rstrip("/").rsplit("/", 1)[-1]
         print(f"run {rid}: step {step}; checkpoints in {ray_train.checkpoint_root(run, run_dir)}"
               f"; extend or continue with `make resume RUN={rid} ARGS=\"--max-steps N\"`")
     else:
@@ -99,7 +120,7 @@ def cmd_submit(args, extra: list[str]) -> None:
     from launcher.jobs import ray_jobs as jobs
 
     jobs.submit(args.preset, args.nodes, extra, gpus_per_node=args.gpus_per_node, cpu=args.cpu,
-                runs_root=args.runs_root)
+                storage=args.storage, force=args.force, faults=args.faults)
 
 
 def cmd_jobs(args, extra: list[str]) -> None:
@@ -110,7 +131,7 @@ def cmd_jobs(args, extra: list[str]) -> None:
     elif args.cmd == "logs":
         jobs.logs(args.run, args.follow)
     elif args.cmd == "stop":
-        print(jobs.stop(args.run))
+        print(jobs.stop(args.run, wait=args.wait))
     elif args.cmd == "resume":
         print(jobs.resume(args.run, extra))
 
@@ -156,32 +177,64 @@ def cmd_describe(args, extra: list[str]) -> None:
               "group from the latest complete one")
 
 
+def read_run_dir(run_dir: str) -> str:
+    """A local folder holding the run's config.json and metrics.jsonl. A run that is not in
+    runs/ on this machine is looked for in $TRMGPT_STORAGE/<id> (a cluster run lives only
+    there): its config and metrics are staged in this machine's cache; its config names the
+    checkpoints in the bucket, fetched from there."""
+    from launcher.engine.metrics import RunFolder, join
+
+    url = run_dir if "://" in run_dir else None
+    if url is None and not (Path(run_dir) / "config.json").exists():
+        storage = os.environ.get("TRMGPT_STORAGE")
+        if not storage:
+            if not Path(run_dir).exists():
+                raise FileNotFoundError(f"no run folder {run_dir} here; a cluster run is read "
+                                        "from its bucket: set STORAGE=s3://... (or gs://)")
+            return run_dir
+        url = join(storage, Path(run_dir).name)
+    folder = RunFolder(url)
+    if not folder.exists("config.json"):
+        raise FileNotFoundError(f"no run at {url} (no config.json)")
+    print(f"reading run {folder.name} from {url}", file=sys.stderr)
+    return str(folder.pull())
+
+
 def cmd_eval(args, extra: list[str]) -> None:
     engine_env()
     from launcher.engine.offline import eval_run
 
-    print(json.dumps(eval_run(args.run_dir, args.weights, args.batches), indent=2))
+    print(json.dumps(eval_run(read_run_dir(args.run_dir), args.weights, args.batches),
+                     indent=2))
 
 
 def cmd_sample(args, extra: list[str]) -> None:
     engine_env()
     from launcher.engine.offline import sample
 
-    print(sample(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                 args.weights))
+    print(sample(read_run_dir(args.run_dir), args.prompt, args.max_new_tokens,
+                 args.temperature, args.top_k, args.weights))
 
 
 def cmd_export(args, extra: list[str]) -> None:
     engine_env()
     from launcher.engine.export import export
 
-    print(f"wrote {export(args.run_dir, args.out, args.weights)}")
+    print(f"wrote {export(read_run_dir(args.run_dir), args.out, args.weights)}")
 
 
 def cmd_plot(args, extra: list[str]) -> None:
+    import shutil
+
     from launcher.engine.plot import plot
 
-    for p in plot(args.run_dir):
+    src = read_run_dir(args.run_dir)
+    for p in plot(src):
+        if Path(src) != Path(args.run_dir):  # a bucket's run: the plots land in runs/<id>/
+            dst = Path(args.run_dir) / "plots" / p.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, dst)
+            p = dst
         print(f"wrote {p}")
 
 
@@ -207,10 +260,15 @@ def main(argv: list[str] | None = None) -> None:
                    "default: a private local Ray on 127.0.0.1")
     p.add_argument("--min-workers", type=int, help="with --ray: elastic, between this and "
                    "--workers (needs pre-tokenized data)")
-    p.add_argument("--max-failures", type=int, default=3,
-                   help="with --ray: worker-group restarts before the run fails")
+    p.add_argument("--max-failures", type=int,
+                   help="with --ray: worker-group restarts before the run fails (default 3 "
+                   "locally, 20 on a cluster; -1: never give up; preemptions don't count)")
     p.add_argument("--gpu", action="store_true", help="with --ray: one GPU per worker")
-    p.add_argument("--gpus-per-node", type=int, default=8, help=argparse.SUPPRESS)
+    p.add_argument("--gpus-per-node", type=int, default=8,
+                   help="with --ray --min-workers: GPUs per node (elastic sizes)")
+    p.add_argument("--cpus-per-worker", type=int,
+                   help="with --ray: CPUs Ray reserves per worker (its OMP threads, data "
+                   "decoding, checkpoint I/O); `submit` sets it from the cluster's nodes")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("describe", help="dry run: config, params, depths, FLOPs, memory")
     add_config_args(p)
@@ -236,16 +294,30 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_plot)
     p = sub.add_parser("submit", help="submit a run to the Ray cluster as a Ray job")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--nodes", type=int, default=1, help="GPU nodes (workers = nodes x GPUs)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--cpu", action="store_true", help="one CPU worker per node (tests)")
-    p.add_argument("--runs-root", default="~/trmgpt-runs", help="run dirs on the nodes")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (workers = nodes x GPUs)")
+    p.add_argument("--gpus-per-node", type=int,
+                   help="GPUs per node (default: what the cluster's GPU nodes have)")
+    p.add_argument("--cpu", action="store_true",
+                   help="train on CPUs, one worker per node taking the node's CPUs (a cluster "
+                   "without GPUs, a loopback test cluster); without it the cluster must have "
+                   "the GPUs the run asks for")
+    p.add_argument("--storage", default=os.environ.get("TRMGPT_STORAGE"),
+                   help="where the run lives: $STORAGE/<run id> (s3://, gs://); required "
+                   "(default $TRMGPT_STORAGE)")
+    p.add_argument("--faults", help=argparse.SUPPRESS)  # tests: TRMGPT_FAULTS for this job only
+    p.add_argument("--force", action="store_true",
+                   help="send even if the cluster lacks the resources now (nodes still "
+                   "starting, an autoscaler that will add them)")
     p.set_defaults(fn=cmd_submit)
     for name in ("resume", "logs", "stop"):
         p = sub.add_parser(name, help="against a Ray cluster")
         p.add_argument("--run", required=True, help="the run id `submit` printed")
         if name == "logs":
             p.add_argument("--follow", action="store_true")
+        if name == "stop":
+            p.add_argument("--wait", type=float, default=600,
+                           help="seconds to wait for the run's checkpoint before stopping "
+                           "the job anyway")
         p.set_defaults(fn=cmd_jobs)
     p = sub.add_parser("status", help="every run on the Ray cluster")
     p.set_defaults(fn=cmd_jobs)
