@@ -66,10 +66,16 @@ def s3_server():
            "AWS_EC2_METADATA_DISABLED": "true"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # fsspec caches one S3FileSystem per set of options: one made for an earlier module's server
+    # (same options, another port) would answer s3:// URLs here with a closed endpoint.
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         yield S3Server(endpoint, env)
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
