@@ -20,10 +20,15 @@ def default_run_dir(preset: str) -> str:
 
 def check_run_dir(run: RunConfig, run_dir: str, resume: str | None) -> None:
     """Refuse, before any rank or Ray starts, a fresh run into a used folder (its pruning would
-    delete the earlier run's checkpoints and mix its metrics) and a resume of nothing."""
+    delete the earlier run's checkpoints and mix its metrics) and a resume of nothing. A preset
+    recipe whose tokenizer or data is missing is refused too, naming the make target that makes
+    it."""
     from launcher.engine.checkpoint import earlier_run, run_checkpointer
+    from launcher.engine.config import check_inputs
     from launcher.engine.dist import DistInfo
     from launcher.jobs.ray_train import checkpoint_root, complete_tags
+
+    check_inputs(run)
 
     if resume is None:
         conflict = earlier_run(Path(run_dir), run_checkpointer(run, Path(run_dir),

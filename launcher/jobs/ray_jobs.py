@@ -100,7 +100,10 @@ def submit(preset: str, nodes: int, extra: list[str], *, gpus_per_node: int = 8,
     if nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {nodes}")
     world = nodes if cpu else nodes * gpus_per_node
-    run_config_from(preset, extra, world, 1 if cpu else gpus_per_node)  # refusals name the rule
+    from launcher.engine.config import check_inputs
+
+    # refusals name the rule; a preset's missing tokenizer or data names the make target
+    check_inputs(run_config_from(preset, extra, world, 1 if cpu else gpus_per_node))
     run_id = run_id or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = f"{runs_root.rstrip('/')}/{run_id}"
     argv = train_argv(preset, nodes, gpus_per_node, cpu, run_dir, extra)
