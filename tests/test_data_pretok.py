@@ -268,8 +268,8 @@ def test_ray_data_tokenize_on_the_assets(tmp_path, tok, capsys, trm_cache):
 def test_under_torch_distributed_the_index_cache_keeps_the_global_order(data, tok, trm_cache):
     """With a process group up, megatron builds its index through the distributed path (rank 0
     builds, the others wait at a barrier): the cache it writes gives the same global order as
-    the plain path. One rank only; that the cache is shared across nodes is
-    tests/test_ray_multinode.py's (nodes with separate filesystems, the cache in the bucket)."""
+    the plain path. One rank only: sharing the cache across nodes that share no filesystem (through
+    the bucket) is issue 15's open work."""
     import torch.distributed as dist
 
     out = str(data["out"])
