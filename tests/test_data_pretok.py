@@ -265,7 +265,11 @@ def test_ray_data_tokenize_on_the_assets(tmp_path, tok, capsys, trm_cache):
     assert main(["tokenize", "--data", str(tmp_path / "nope.yaml"), "--out", "x"]) == 2
 
 
-def test_under_torch_distributed_the_index_cache_is_shared(data, tok, trm_cache):
+def test_under_torch_distributed_the_index_cache_keeps_the_global_order(data, tok, trm_cache):
+    """With a process group up, megatron builds its index through the distributed path (rank 0
+    builds, the others wait at a barrier): the cache it writes gives the same global order as
+    the plain path. One rank only: sharing the cache across nodes that share no filesystem (through
+    the bucket) is issue 15's open work."""
     import torch.distributed as dist
 
     out = str(data["out"])

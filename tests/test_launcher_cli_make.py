@@ -101,6 +101,10 @@ BAD = [  # (target, variables, message)
     ("submit", ["PRESET=B", "NODES=2", "ARGS=--min-workers 8"],
      "elastic workers need the pre-tokenized data path"),
     ("submit", ["NODES=2", "ARGS=--min-workers 20"], "--min-workers must be in [1, 16]"),
+    # a recipe preset whose tokenizer is not made yet: the make target that makes it
+    ("submit", ["PRESET=A", "STORAGE=/nonexistent/trmgpt"], "make it with `make tokenizer DATA="),
+    ("train", ["PRESET=A", "WORKERS=1", "STORAGE=/nonexistent/trmgpt"],
+     "make it with `make tokenizer DATA="),
     ("cluster-up", ["NODES=0"], "NODES must be a whole number >= 1"),
     ("cluster-up", ["CLOUD=azure"], "CLOUD must be aws or gcp"),
     ("cluster-up", ["GPU=v100"], "GPU must be a100 or h100"),

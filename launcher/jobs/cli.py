@@ -26,10 +26,10 @@ def check_run_dir(run: RunConfig, run_dir: str, resume: str | None) -> None:
     from launcher.engine.checkpoint import earlier_run, run_checkpointer
     from launcher.engine.config import check_inputs
     from launcher.engine.dist import DistInfo
-
-    check_inputs(run)
     from launcher.engine.metrics import RunFolder
     from launcher.jobs.ray_train import checkpoint_root, complete_tags
+
+    check_inputs(run)
 
     if resume is None:
         local = RunFolder(run_dir).pull() if "://" in run_dir else Path(run_dir)
