@@ -69,3 +69,39 @@ def test_the_token_is_found_where_rays_loader_looks(tmp_path, monkeypatch):
     assert ray_jobs.auth_token() == "from-path"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
     assert ray_jobs.auth_token() == "from-env"
+
+
+def test_a_checkpoint_is_registered_on_the_storages_own_filesystem(tmp_path):
+    """Ray Train V2 accepts a NO_UPLOAD checkpoint only on the storage's filesystem object and
+    under its experiment folder; anything else raises in report() and restarts the group at
+    every checkpoint (what `Checkpoint("s3://...")` did: pyarrow's S3 filesystem is not the
+    fsspec one the storage uses)."""
+    from types import SimpleNamespace
+
+    import ray.train
+    from ray.train.v2._internal.execution.context import is_managed_checkpoint
+
+    from launcher.jobs.ray_train import ray_checkpoint, storage_filesystem
+
+    pa_fs, parent = storage_filesystem("s3://bucket/runs")
+    storage = SimpleNamespace(storage_filesystem=pa_fs, experiment_fs_path=f"{parent}/run1")
+    url = "s3://bucket/runs/run1/checkpoints/step_00000002"
+    ck = ray_checkpoint(url, storage)
+    assert ck is not None and is_managed_checkpoint(storage, ck)
+    # the old way: Checkpoint(url) got pyarrow's own S3 filesystem (made here with its region
+    # given, so nothing resolves it over the network)
+    from pyarrow.fs import S3FileSystem
+
+    old = ray.train.Checkpoint(url.removeprefix("s3://"), filesystem=S3FileSystem(
+        region="us-east-1"))
+    assert not is_managed_checkpoint(storage, old)
+    # a checkpoint_dir outside the run folder (a sibling run's, another prefix): not Ray's
+    assert ray_checkpoint("s3://bucket/runs/run10/checkpoints/step_00000002", storage) is None
+    assert ray_checkpoint("s3://bucket/ck/first/step_00000002", storage) is None
+    # a local run folder
+    from pyarrow.fs import LocalFileSystem
+
+    local = SimpleNamespace(storage_filesystem=LocalFileSystem(),
+                            experiment_fs_path=str(tmp_path / "run"))
+    ck = ray_checkpoint(str(tmp_path / "run" / "checkpoints" / "step_00000004"), local)
+    assert ck is not None and is_managed_checkpoint(local, ck)

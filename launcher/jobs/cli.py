@@ -185,7 +185,9 @@ def read_run_dir(run_dir: str) -> str:
     from launcher.engine.metrics import RunFolder, join
 
     url = run_dir if "://" in run_dir else None
-    if url is None and not (Path(run_dir) / "config.json").exists():
+    if url is None:
+        if (Path(run_dir) / "config.json").exists():
+            return run_dir  # a run on this machine
         storage = os.environ.get("TRMGPT_STORAGE")
         if not storage:
             if not Path(run_dir).exists():

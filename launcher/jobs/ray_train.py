@@ -261,9 +261,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                   if f and not f.startswith("kill_")]
         os.environ["TRMGPT_FAULTS"] = ",".join(faults)
 
+    storage = ray.train.get_context().get_storage()
+
     def register(step: int, path: str) -> None:
         # every rank reaches this (report is a barrier); the shards are already in storage
-        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint(path),
+        ckpt = ray_checkpoint(path, storage)
+        if ckpt is None:  # outside Ray's run folder: recovery reads its COMPLETE markers
+            ray.train.report({"step": step})
+            return
+        ray.train.report({"step": step}, checkpoint=ckpt,
                          checkpoint_dir_name=path.rsplit("/", 1)[-1],
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
@@ -407,6 +413,31 @@ def storage_filesystem(run_dir: str):
 
     fs, path = fsspec.core.url_to_fs(run_dir)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def ray_checkpoint(path: str, storage) -> Any:
+    """A checkpoint folder as Ray Train V2 accepts it with NO_UPLOAD: on the *same* filesystem
+    object as the run's storage (Ray compares them: `ray.train.Checkpoint("s3://...")` gets
+    pyarrow's own S3 filesystem, unequal to the fsspec one the storage uses, and the report
+    raises, which restarts the group at every checkpoint) and under Ray's experiment folder.
+    None for a checkpoint_dir outside the run folder (registered as metrics only)."""
+    import ray.train
+
+    from launcher.engine.metrics import is_url
+
+    fs_path = str(path).rstrip("/")
+    if is_url(fs_path):
+        import fsspec
+
+        fs_path = fsspec.core.url_to_fs(fs_path)[1]
+    else:
+        fs_path = str(Path(fs_path).resolve())
+    exp = str(storage.experiment_fs_path).rstrip("/")
+    if not is_url(str(path)) and Path(exp).is_absolute():
+        exp = str(Path(exp).resolve())
+    if not fs_path.startswith(exp + "/"):
+        return None
+    return ray.train.Checkpoint(fs_path, filesystem=storage.storage_filesystem)
 
 
 def fit(run: RunConfig, run_dir: str, workers: int | tuple[int, int], *,
