@@ -197,7 +197,7 @@ def run_config(name: str, preset: str, overrides: dict[str, Any], steps: int | N
 def backward_steps(model: RecursiveGPT, opt, sched, t, idx: torch.Tensor, tgt: torch.Tensor,
                    n_sup: int, across: bool = False) -> torch.Tensor:
     """Forward and backward of n_sup supervision steps on one batch (the optimizer step after
-    the last one is the caller's). Returns the last step's loss."""
+    the last one is the caller's). Returns the last step's loss (detached)."""
     y = z = prev = None
     total = 0.0
     for s in range(n_sup):
@@ -207,7 +207,7 @@ def backward_steps(model: RecursiveGPT, opt, sched, t, idx: torch.Tensor, tgt: t
             total = total + st.objective
         else:
             st.objective.backward()
-        y, z, prev = st.y, st.z, st.loss.detach()
+        y, z, prev = st.y, st.z, st.carry
         if t.update_mode == "per_step" and s < n_sup - 1:  # TRM: an update per step
             if t.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -216,7 +216,7 @@ def backward_steps(model: RecursiveGPT, opt, sched, t, idx: torch.Tensor, tgt: t
             sched.step()
     if across:
         total.backward()
-    return prev
+    return prev.loss
 
 
 def fmt(v) -> str:

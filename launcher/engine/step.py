@@ -49,7 +49,7 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
     for i, s in order:
         idx, tgt = batches[i]
         y, z, prev = states[i]
-        objective, loss, y, z = engine(idx, y, z, tgt, s, prev)
+        objective, carry, y, z = engine(idx, y, z, tgt, s, prev)
         if nan_at_step and s == 0:
             objective = objective * float("nan")  # fault injection (TRMGPT_FAULTS=nan@STEP)
         ok = ok and not any_rank(not bool(torch.isfinite(objective)))
@@ -66,8 +66,8 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
                 # DeepSpeed's overflow path skips the scheduler too; stage 0's dropped update
                 # went through the engine and stepped it: the schedule follows the step count
                 engine.lr_scheduler.step()
-        states[i] = (y, z, loss.detach())
-        step_losses[s] += loss.item() / len(batches)
+        states[i] = (y, z, carry)  # carry: the step's loss (and exit state), detached
+        step_losses[s] += carry.loss.item() / len(batches)
     return step_losses, ok
 
 
