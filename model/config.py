@@ -118,8 +118,11 @@ class GPTConfig:
     """Ouro's learned exit distribution instead of the hand-set step weights and the improvement
     reward (both then unused): a gate λ_s = σ(w·sg(y_s) + b + o_s) per token and step, p(exit
     at s) = λ_s·Π_{j<s}(1-λ_j), the last step takes the remaining mass; the objective is
-    Σ_s p_s·L_s − β·H(p) per answer token. o_s makes p uniform at init (w = b = 0). Needs
-    N_sup >= 2. Off until measured to help."""
+    Σ_s p_s·L_s − β·H(p) per scored token. o_s makes p uniform at init (w = b = 0). Each
+    step's backward still runs right after its forward (the gate's gradient is split per step,
+    model.gpt.exit_objective); exact in update_mode accumulate, while per_step applies the
+    earlier steps' share with the gate as updated since. Evaluation runs every step (the gate
+    does not stop inference early). Needs N_sup >= 2. Off until measured to help."""
     exit_entropy_beta: float = 0.05
     """β of the exit distribution's entropy bonus (exit_gate): keeps the gate from collapsing
     onto one step (Ouro's uniform prior)."""

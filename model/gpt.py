@@ -2,7 +2,8 @@
 
 Features
 - TRM-style latent recursion: z <- stack(z + x + y) n_loops times, then y <- stack(y + z);
-  T_recursion recursions per supervision step, the first T-1 without gradients.
+  T_recursion recursions per supervision step, all but the last backprop_recursions (1) without
+  gradients.
 - Deep supervision: N_sup steps, each with its own loss on lm_head(final_norm(y)); y and z are
   detached between steps, so each step can be backpropagated as soon as it finishes
   (`supervision_step`), and peak activation memory does not grow with N_sup or T.
