@@ -25,8 +25,7 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
     share of the objective (w_s·L_s + improvement penalty [+ halting], or with exit_gate its
     share of Σ p_s·L_s − β·H(p)) is backpropagated at once, so only one step's activations
     are alive; y, z and the carry (the step's loss and exit state) come back detached.
-    engine.step() only applies at the
-    accumulation boundary:
+    engine.step() only applies at the accumulation boundary:
       accumulate: boundary after all N_sup steps of all micro-batches (one update per batch);
       per_step:   boundary after step s of every micro-batch (one update per supervision step).
     The engine divides every backward by its gradient_accumulation_steps (micro-batches × N_sup
