@@ -341,8 +341,10 @@ def plot(results: list[TaskResult], setup: TaskSetup, task: str, deeper: dict[st
 def single(preset: str, task: str, difficulties: list[int], base: dict[str, Any], steps: int,
            batch: int, eval_every: int, threads: int, infer_sup: int | None,
            name: str, json_path: str | None = None, seed: int = 0,
-           **task_params: Any) -> TaskResult:
-    """One config (ablations): train, print accuracy by step, leak-check it."""
+           infer_recursions: list[int] | None = None, **task_params: Any) -> TaskResult:
+    """One config (ablations): train, print accuracy by step, leak-check it. infer_recursions:
+    also evaluate (and leak-check) with that many recursions per supervision step (fixed
+    depth), the trained weights unchanged: does depth at inference pay inside a step?"""
     setup = TaskSetup.build(task, difficulties, **task_params)
     res, model = train_task(name, preset, base, setup, steps, batch, eval_every,
                             threads=threads, seed=seed)
@@ -353,6 +355,17 @@ def single(preset: str, task: str, difficulties: list[int], base: dict[str, Any]
         print(f"{name}: {infer_sup} steps at inference: hardest by step "
               + " ".join(f"{x:.3f}" for x in ev["hardest_by_step"]) + " loss by step "
               + " ".join(f"{x:.3f}" for x in ev["loss_by_step"]) + f"; leak check {leak:.1e}")
+    trained = model.config
+    for r in infer_recursions or []:
+        model.config = trained.replace(T_recursion=r, depth_sampling="fixed",
+                                       backprop_recursions=1)
+        ev = evaluate_task(model, setup, n_sup=trained.N_sup_inference)
+        leak = causal_leak_check(model, setup.seq_len)
+        res.final.setdefault("inference_recursions", {})[r] = {**ev, "leak": leak}
+        print(f"{name}: {r} recursions per step at inference: acc by difficulty "
+              + fmt_acc(ev["acc"]) + " loss by step "
+              + " ".join(f"{x:.3f}" for x in ev["loss_by_step"]) + f"; leak check {leak:.1e}")
+    model.config = trained
     print(json.dumps({"name": name, "config": res.config, "steps": res.steps,
                       "seconds": round(res.seconds, 1), "acc": res.final["acc"],
                       "acc_by_step": res.final["acc_by_step"],

@@ -273,6 +273,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="task batch size")
     ap.add_argument("--infer-sup", type=int, default=None,
                     help="task: supervision steps at evaluation beyond training (default 2x)")
+    ap.add_argument("--infer-recursions", default=None,
+                    help="task, with --only: also evaluate with these recursions per step "
+                         "(comma list, e.g. 1,2,3,6): test-time depth inside a step")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     base = parse_sets(a.set)
@@ -284,8 +287,9 @@ def main() -> None:
         steps = a.steps or 400
         infer = a.infer_sup or 2 * resolve(a.preset, base).model.N_sup
         if a.only:
+            rec = [int(r) for r in a.infer_recursions.split(",")] if a.infer_recursions else None
             single(a.preset, a.task, diffs, base, steps, a.batch, a.eval_every, a.threads,
-                   infer, a.only, a.json, a.seed, **tp)
+                   infer, a.only, a.json, a.seed, infer_recursions=rec, **tp)
         else:
             task_study(a.preset, a.task, diffs, base, steps, a.batch, a.eval_every, a.threads,
                        infer, a.json, **tp)
