@@ -23,8 +23,7 @@ from torch import nn
 from launcher.engine.config import RunConfig
 from launcher.engine.dist import choose_accelerator
 from launcher.engine.evaluate import eval_sums
-from model import RecursiveGPT
-from model.gpt import StepCarry
+from model import RecursiveGPT, StepCarry
 
 
 class SupervisionStepModule(nn.Module):
