@@ -92,12 +92,15 @@ def evaluate_task(model: RecursiveGPT, setup: TaskSetup, n_sup: int | None = Non
     cnt = torch.zeros(len(D))
     loss_sum = torch.zeros(n)
     n_tok = 0
+    exit_sum = torch.zeros(n)
     for idx, tgt, aid, diff in setup.heldout:
-        y = z = None
+        y = z = prev = None
         col = torch.tensor([D.index(int(d)) for d in diff])
         for s in range(n):
-            st = model.supervision_step(idx, y, z, step=s)
-            y, z = st.y, st.z
+            st = model.supervision_step(idx, y, z, step=s, prev_loss=prev)
+            y, z, prev = st.y, st.z, st.carry
+            if st.exit_prob is not None:  # exit_gate: p(exit at s) summed over answer tokens
+                exit_sum[s] += float((st.exit_prob * (tgt >= 0)).sum())
             c, k = answer_correct(st.logits, tgt, aid)
             corr[s].index_add_(0, col, c)
             if s == 0:
@@ -112,7 +115,8 @@ def evaluate_task(model: RecursiveGPT, setup: TaskSetup, n_sup: int | None = Non
             "acc_by_step": [float(a) for a in overall],
             "hardest_by_step": [float(a) for a in acc[:, -1]],
             "acc_by_step_difficulty": acc.tolist(),
-            "loss_by_step": [float(x) / n_tok for x in loss_sum]}
+            "loss_by_step": [float(x) / n_tok for x in loss_sum],
+            "exit_by_step": [float(x) / n_tok for x in exit_sum]}
 
 
 def train_task(name: str, preset: str, overrides: dict[str, Any], setup: TaskSetup,
@@ -181,11 +185,11 @@ def causal_leak_check(model: RecursiveGPT, seq_len: int, n_sup: int | None = Non
     model.eval()
     worst = 0.0
     with torch.no_grad():
-        ya = za = yb = zb = None
+        ya = za = yb = zb = pa = pb = None
         for s in range(n):
-            a = model.supervision_step(idx, ya, za, step=s)
-            b = model.supervision_step(other, yb, zb, step=s)
-            ya, za, yb, zb = a.y, a.z, b.y, b.z
+            a = model.supervision_step(idx, ya, za, step=s, prev_loss=pa)
+            b = model.supervision_step(other, yb, zb, step=s, prev_loss=pb)
+            ya, za, yb, zb, pa, pb = a.y, a.z, b.y, b.z, a.carry, b.carry
             worst = max(worst, float((a.logits[:, :cut + 1] - b.logits[:, :cut + 1]).abs().max()))
     model.train(was)
     if worst > 1e-4:
@@ -337,8 +341,10 @@ def plot(results: list[TaskResult], setup: TaskSetup, task: str, deeper: dict[st
 def single(preset: str, task: str, difficulties: list[int], base: dict[str, Any], steps: int,
            batch: int, eval_every: int, threads: int, infer_sup: int | None,
            name: str, json_path: str | None = None, seed: int = 0,
-           **task_params: Any) -> TaskResult:
-    """One config (ablations): train, print accuracy by step, leak-check it."""
+           infer_recursions: list[int] | None = None, **task_params: Any) -> TaskResult:
+    """One config (ablations): train, print accuracy by step, leak-check it. infer_recursions:
+    also evaluate (and leak-check) with that many recursions per supervision step (fixed
+    depth), the trained weights unchanged: does depth at inference pay inside a step?"""
     setup = TaskSetup.build(task, difficulties, **task_params)
     res, model = train_task(name, preset, base, setup, steps, batch, eval_every,
                             threads=threads, seed=seed)
@@ -349,10 +355,23 @@ def single(preset: str, task: str, difficulties: list[int], base: dict[str, Any]
         print(f"{name}: {infer_sup} steps at inference: hardest by step "
               + " ".join(f"{x:.3f}" for x in ev["hardest_by_step"]) + " loss by step "
               + " ".join(f"{x:.3f}" for x in ev["loss_by_step"]) + f"; leak check {leak:.1e}")
+    trained = model.config
+    for r in infer_recursions or []:
+        model.config = trained.replace(T_recursion=r, depth_sampling="fixed",
+                                       backprop_recursions=1)
+        ev = evaluate_task(model, setup, n_sup=trained.N_sup_inference)
+        leak = causal_leak_check(model, setup.seq_len)
+        res.final.setdefault("inference_recursions", {})[r] = {**ev, "leak": leak}
+        print(f"{name}: {r} recursions per step at inference: acc by difficulty "
+              + fmt_acc(ev["acc"]) + " loss by step "
+              + " ".join(f"{x:.3f}" for x in ev["loss_by_step"]) + f"; leak check {leak:.1e}")
+    model.config = trained
     print(json.dumps({"name": name, "config": res.config, "steps": res.steps,
                       "seconds": round(res.seconds, 1), "acc": res.final["acc"],
                       "acc_by_step": res.final["acc_by_step"],
-                      "hardest_by_step": res.final["hardest_by_step"]}))
+                      "hardest_by_step": res.final["hardest_by_step"],
+                      "loss_by_step": res.final["loss_by_step"],
+                      "exit_by_step": res.final["exit_by_step"]}))
     if json_path:
         with open(json_path, "a") as f:
             f.write(json.dumps(res.__dict__) + "\n")

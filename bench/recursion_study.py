@@ -197,7 +197,7 @@ def run_config(name: str, preset: str, overrides: dict[str, Any], steps: int | N
 def backward_steps(model: RecursiveGPT, opt, sched, t, idx: torch.Tensor, tgt: torch.Tensor,
                    n_sup: int, across: bool = False) -> torch.Tensor:
     """Forward and backward of n_sup supervision steps on one batch (the optimizer step after
-    the last one is the caller's). Returns the last step's loss."""
+    the last one is the caller's). Returns the last step's loss (detached)."""
     y = z = prev = None
     total = 0.0
     for s in range(n_sup):
@@ -207,7 +207,7 @@ def backward_steps(model: RecursiveGPT, opt, sched, t, idx: torch.Tensor, tgt: t
             total = total + st.objective
         else:
             st.objective.backward()
-        y, z, prev = st.y, st.z, st.loss.detach()
+        y, z, prev = st.y, st.z, st.carry
         if t.update_mode == "per_step" and s < n_sup - 1:  # TRM: an update per step
             if t.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -216,7 +216,7 @@ def backward_steps(model: RecursiveGPT, opt, sched, t, idx: torch.Tensor, tgt: t
             sched.step()
     if across:
         total.backward()
-    return prev
+    return prev.loss
 
 
 def fmt(v) -> str:
@@ -273,6 +273,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="task batch size")
     ap.add_argument("--infer-sup", type=int, default=None,
                     help="task: supervision steps at evaluation beyond training (default 2x)")
+    ap.add_argument("--infer-recursions", default=None,
+                    help="task, with --only: also evaluate with these recursions per step "
+                         "(comma list, e.g. 1,2,3,6): test-time depth inside a step")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     base = parse_sets(a.set)
@@ -284,8 +287,9 @@ def main() -> None:
         steps = a.steps or 400
         infer = a.infer_sup or 2 * resolve(a.preset, base).model.N_sup
         if a.only:
+            rec = [int(r) for r in a.infer_recursions.split(",")] if a.infer_recursions else None
             single(a.preset, a.task, diffs, base, steps, a.batch, a.eval_every, a.threads,
-                   infer, a.only, a.json, a.seed, **tp)
+                   infer, a.only, a.json, a.seed, infer_recursions=rec, **tp)
         else:
             task_study(a.preset, a.task, diffs, base, steps, a.batch, a.eval_every, a.threads,
                        infer, a.json, **tp)

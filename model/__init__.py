@@ -2,8 +2,8 @@
 
 from model.config import PRESETS, GPTConfig
 from model.ema import EMA
-from model.gpt import ModelOutput, RecursiveGPT, StepOutput
+from model.gpt import ModelOutput, RecursiveGPT, StepCarry, StepOutput
 from model.losses import improvement_reward, step_weights
 
-__all__ = ["EMA", "PRESETS", "GPTConfig", "ModelOutput", "RecursiveGPT", "StepOutput",
+__all__ = ["EMA", "PRESETS", "GPTConfig", "ModelOutput", "RecursiveGPT", "StepCarry", "StepOutput",
            "improvement_reward", "step_weights"]

@@ -27,6 +27,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+MAX_DEPTH_FACTOR = 4
+"""depth_sampling: a drawn depth above MAX_DEPTH_FACTOR·T_recursion is cut to it (bounds the
+worst batch's time; the mass cut off is ~1e-4 or less for T >= 2)."""
+LOGNORMAL_SIGMA = 0.5
+"""σ of log λ for depth_sampling 'poisson-lognormal' (Huginn's value)."""
+
+
 @dataclass
 class GPTConfig:
     """Shape, recursion and training objective of a RecursiveGPT."""
@@ -94,6 +101,31 @@ class GPTConfig:
     supervision step s injects x·(1 + a_s) + b_s instead of x, with learned a_s, b_s (zero at
     init, so the model starts as without it; steps past the table use its last row). It breaks
     the 'same map every step' symmetry. Off until measured to help (bench/ABLATIONS.md)."""
+    depth_sampling: Literal["fixed", "poisson", "poisson-lognormal"] = "fixed"
+    """Recursions per supervision step in training (Huginn, Parcae). 'fixed': T_recursion.
+    'poisson': 1 + Poisson(T_recursion - 1), drawn per training batch and supervision step.
+    'poisson-lognormal': 1 + Poisson(λ) with log λ ~ N(log(T-1) - σ²/2, σ), σ = 0.5 (Huginn's
+    heavier tail). Both have mean T_recursion, at least 1, and are capped at
+    4·T_recursion. The draw is a function of a batch counter kept in the model's state dict
+    (the buffer depth_draws) and the step index, never of global RNG state, so every
+    data-parallel rank and every resume draws the same depths. Evaluation, inference and
+    generation use T_recursion. Needs T_recursion >= 2. Off until measured to help."""
+    backprop_recursions: int = 1
+    """Recursions per supervision step that carry gradients: the last k of the step (Huginn's
+    truncated backprop; 1 is TRM's). With depth_sampling, min(k, drawn depth). 1 <= k <=
+    T_recursion."""
+    exit_gate: bool = False
+    """Ouro's learned exit distribution instead of the hand-set step weights and the improvement
+    reward (both then unused): a gate λ_s = σ(w·sg(y_s) + b + o_s) per token and step, p(exit
+    at s) = λ_s·Π_{j<s}(1-λ_j), the last step takes the remaining mass; the objective is
+    Σ_s p_s·L_s − β·H(p) per scored token. o_s makes p uniform at init (w = b = 0). Each
+    step's backward still runs right after its forward (the gate's gradient is split per step,
+    model.gpt.exit_objective); exact in update_mode accumulate, while per_step applies the
+    earlier steps' share with the gate as updated since. Evaluation runs every step (the gate
+    does not stop inference early). Needs N_sup >= 2. Off until measured to help."""
+    exit_entropy_beta: float = 0.05
+    """β of the exit distribution's entropy bonus (exit_gate): keeps the gate from collapsing
+    onto one step (Ouro's uniform prior)."""
     halting: bool = False
     """Adaptive computation: a halting head on y predicts whether the step's argmax is right."""
     halt_loss_weight: float = 0.5
@@ -104,6 +136,8 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.recursion is False:  # the plain GPT: one pass, one step
             self.n_loops = self.T_recursion = self.N_sup = self.N_sup_inference = 1
+            self.backprop_recursions = 1
+            self.depth_sampling, self.exit_gate = "fixed", False
         self.validate()
 
     # ----------------------------------------------------------------- construction
@@ -136,7 +170,8 @@ class GPTConfig:
     def validate(self) -> None:
         """Refuse a broken config with a message that names the key and the rule."""
         positive = ["vocab_size", "sequence_len", "n_layer", "n_embd", "n_head", "n_kv_head",
-                    "mlp_multiple_of", "n_loops", "T_recursion", "N_sup", "N_sup_inference"]
+                    "mlp_multiple_of", "n_loops", "T_recursion", "N_sup", "N_sup_inference",
+                    "backprop_recursions"]
         for k in positive:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -154,6 +189,20 @@ class GPTConfig:
         if self.state_init not in ("fixed", "input", "zero"):
             raise ValueError(f"state_init must be 'fixed', 'input' or 'zero', got "
                              f"{self.state_init!r}")
+        if self.depth_sampling not in ("fixed", "poisson", "poisson-lognormal"):
+            raise ValueError(f"depth_sampling must be 'fixed', 'poisson' or 'poisson-lognormal', "
+                             f"got {self.depth_sampling!r}")
+        if self.depth_sampling != "fixed" and self.T_recursion < 2:
+            raise ValueError(f"depth_sampling {self.depth_sampling!r} draws around T_recursion "
+                             f"and needs T_recursion >= 2, got {self.T_recursion}")
+        if self.backprop_recursions > self.T_recursion:
+            raise ValueError(f"backprop_recursions ({self.backprop_recursions}) must be <= "
+                             f"T_recursion ({self.T_recursion})")
+        if self.exit_gate and self.N_sup < 2:
+            raise ValueError("exit_gate spreads the loss over supervision steps and needs "
+                             f"N_sup >= 2, got {self.N_sup}")
+        if not self.exit_entropy_beta >= 0:
+            raise ValueError(f"exit_entropy_beta must be >= 0, got {self.exit_entropy_beta!r}")
         if self.logit_softcap < 0:
             raise ValueError(f"logit_softcap must be >= 0 (0 disables it), got "
                              f"{self.logit_softcap!r}")
@@ -188,15 +237,46 @@ class GPTConfig:
         """Rows of the per-step conditioning table (step_conditioning)."""
         return max(self.N_sup, self.N_sup_inference)
 
+    def recursion_depths(self) -> dict[int, float]:
+        """Recursions per training supervision step -> probability (depth_sampling). 'fixed':
+        {T_recursion: 1}. The sampled laws are computed exactly here (the lognormal mixture by
+        quadrature over log λ), with the mass above the cap folded onto the cap, as drawn."""
+        T = self.T_recursion
+        if self.depth_sampling == "fixed":
+            return {T: 1.0}
+        cap = MAX_DEPTH_FACTOR * T
+        if self.depth_sampling == "poisson":
+            rates = [(T - 1.0, 1.0)]
+        else:  # log λ ~ N(mu, σ) on a grid of ±8σ, normal weights
+            mu, sig, n = math.log(T - 1) - LOGNORMAL_SIGMA ** 2 / 2, LOGNORMAL_SIGMA, 801
+            grid = [mu + sig * (-8 + 16 * i / (n - 1)) for i in range(n)]
+            w = [math.exp(-0.5 * ((g - mu) / sig) ** 2) for g in grid]
+            rates = [(math.exp(g), wi / sum(w)) for g, wi in zip(grid, w, strict=True)]
+        pmf = dict.fromkeys(range(1, cap + 1), 0.0)
+        for lam, weight in rates:  # r = 1 + Poisson(lam), r > cap drawn as cap
+            for r in range(1, cap):
+                k = r - 1
+                pmf[r] += weight * math.exp(-lam + k * math.log(lam) - math.lgamma(k + 1))
+        pmf[cap] = 1.0 - sum(pmf[r] for r in range(1, cap))
+        return pmf
+
+    def mean_recursions(self) -> tuple[float, float]:
+        """Expected recursions per training step, and expected graded ones (min(k, r))."""
+        pmf = self.recursion_depths()
+        k = self.backprop_recursions
+        return (sum(r * p for r, p in pmf.items()), sum(min(k, r) * p for r, p in pmf.items()))
+
     @property
     def effective_depth(self) -> int:
-        """All block applications per training forward: n_layer·(n_loops+1)·T·N_sup."""
-        return self.applications_per_recursion * self.T_recursion * self.N_sup
+        """All block applications per training forward: n_layer·(n_loops+1)·T·N_sup (with
+        depth_sampling, the expected T)."""
+        return round(self.applications_per_recursion * self.mean_recursions()[0] * self.N_sup)
 
     @property
     def gradient_depth(self) -> int:
-        """Block applications that carry gradients: n_layer·(n_loops+1)·N_sup."""
-        return self.applications_per_recursion * self.N_sup
+        """Block applications that carry gradients: n_layer·(n_loops+1)·k·N_sup, k =
+        backprop_recursions (1 by default; with depth_sampling, the expected min(k, r))."""
+        return round(self.applications_per_recursion * self.mean_recursions()[1] * self.N_sup)
 
     def block_params(self) -> int:
         """Parameters of one block: GQA attention, SwiGLU MLP, two RMSNorm weights."""
@@ -214,6 +294,7 @@ class GPTConfig:
         n += e if self.norm_style == "pre" else 0  # norm on the stack's output
         n += (e + 1) if self.halting else 0        # halting head
         n += 2 * e * self.conditioned_steps if self.step_conditioning and self.recursion else 0
+        n += (e + 1) if self.exit_gate else 0     # exit gate
         if not non_embedding:
             n += 2 * self.vocab_size * e           # embedding + untied lm_head
         return n
@@ -223,8 +304,11 @@ class GPTConfig:
 
         Per block application per token: 2·(linear weights) + 4·sequence_len·n_embd for the two
         attention matmuls (full sequence, as FlopCounterMode counts SDPA and as MFU conventions do).
-        Training: the graded recursion costs forward + backward (3x), the T-1 no-grad recursions
-        forward only (1x); lm_head and halting head run once per supervision step (3x).
+        Training: the graded recursions (backprop_recursions) cost forward + backward (3x), the
+        others forward only (1x); lm_head and halting head run once per supervision step (3x).
+        With depth_sampling the count is the expectation over the drawn depth (one batch costs
+        what its draw costs). The exit gate's two E-vectors per token and step (gate and its
+        running-sum term, forward + weight gradient) are 8·n_embd.
         Inference: N_sup_inference steps of T recursions, forward only.
         """
         e, kv = self.n_embd, self.n_kv_head * self.head_dim
@@ -233,8 +317,10 @@ class GPTConfig:
         head = 2 * e * self.vocab_size + (2 * e if self.halting else 0)
         apps = self.applications_per_recursion
         if training:
-            per_step = apps * per_app * (3 + (self.T_recursion - 1)) + 3 * head
-            return self.N_sup * per_step
+            mean_r, mean_graded = self.mean_recursions()
+            gate = 8 * e if self.exit_gate else 0
+            per_step = apps * per_app * (mean_r + 2 * mean_graded) + 3 * head + gate
+            return round(self.N_sup * per_step)
         return self.N_sup_inference * (apps * per_app * self.T_recursion + head)
 
     def summary(self) -> dict[str, Any]:

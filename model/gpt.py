@@ -2,11 +2,15 @@
 
 Features
 - TRM-style latent recursion: z <- stack(z + x + y) n_loops times, then y <- stack(y + z);
-  T_recursion recursions per supervision step, the first T-1 without gradients.
+  T_recursion recursions per supervision step, all but the last backprop_recursions (1) without
+  gradients.
 - Deep supervision: N_sup steps, each with its own loss on lm_head(final_norm(y)); y and z are
   detached between steps, so each step can be backpropagated as soon as it finishes
   (`supervision_step`), and peak activation memory does not grow with N_sup or T.
 - Hierarchical step weights, improvement reward, optional ACT halting head (TRM's Q-head).
+- Optional sampled recursion depth per training batch with backprop through the last k
+  recursions (Huginn, Parcae), and optional learned exit distribution over supervision steps
+  (Ouro) in place of the step weights; both keep each step's backward right after its forward.
 - GQA + RoPE attention through scaled_dot_product_attention, SwiGLU MLP, RMSNorm, no biases,
   untied embedding / lm_head, fixed initial states (TRM's buffers) or y0 = x.
 - Exact FLOP count (`flops_per_token`), KV-cached generation across the recursion.
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import GPTConfig
+from model.config import LOGNORMAL_SIGMA, MAX_DEPTH_FACTOR, GPTConfig
 from model.layers import KVCache, RMSNorm, Stack, rope_tables
 from model.losses import improvement_penalty, step_weights
 
@@ -31,8 +35,21 @@ StackFn = Callable[..., torch.Tensor]
 
 
 @dataclass
+class StepCarry:
+    """What a supervision step hands the next one besides y and z, all detached: its loss (the
+    improvement reward's L_{s-1}) and, with exit_gate, the running exit state per token. Flat in
+    N_sup: two (B, T) tensors and one (B, T, n_embd), whatever the number of steps."""
+
+    loss: torch.Tensor | None = None          # L_s, detached
+    log_stay: torch.Tensor | None = None      # (B, T) log Π_{j<=s}(1 − λ_j): mass not yet exited
+    gate_sum: torch.Tensor | None = None      # (B, T, n_embd) Σ_{j<=s} λ_j·sg(y_j)
+    gate_count: torch.Tensor | None = None    # (B, T) Σ_{j<=s} λ_j (the bias's share)
+
+
+@dataclass
 class StepOutput:
-    """One supervision step. y and z are already detached: feed them to the next step."""
+    """One supervision step. y and z are already detached: feed them to the next step, and
+    carry as the next step's prev_loss."""
 
     y: torch.Tensor                       # (B, T, n_embd)
     z: torch.Tensor                       # (B, T, n_embd)
@@ -40,6 +57,9 @@ class StepOutput:
     loss: torch.Tensor | None = None      # cross entropy L_s
     objective: torch.Tensor | None = None  # this step's share of the total: w_s·L_s + R_s + H_s
     halt_logits: torch.Tensor | None = None  # (B, T), when halting is on
+    carry: StepCarry | None = None        # the next step's prev_loss (with targets)
+    recursions: int = 0                   # latent recursions this step ran
+    exit_prob: torch.Tensor | None = None  # (B, T) p(exit at this step), with exit_gate
 
 
 @dataclass
@@ -88,6 +108,12 @@ class RecursiveGPT(nn.Module):
         # per-step scale (row 0) and bias (row 1) of the injection; zero: the unconditioned model
         self.step_cond = (nn.Parameter(torch.zeros(2, c.conditioned_steps, c.n_embd))
                           if c.step_conditioning and c.recursion else None)
+        # Ouro's exit gate on sg(y); w = b = 0 plus the fixed offsets: uniform exit at init
+        self.exit_gate = nn.Linear(c.n_embd, 1, bias=True) if c.exit_gate else None
+        self.exit_offsets = [-math.log(c.N_sup - 1 - s) for s in range(c.N_sup - 1)]
+        # training batches drawn so far (depth_sampling): in the state dict, so a resume draws on
+        self.register_buffer("depth_draws", torch.zeros((), dtype=torch.long)
+                             if c.depth_sampling != "fixed" else None)
         cos, sin = rope_tables(c.sequence_len, c.head_dim, c.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (T, head_dim/2)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -108,6 +134,7 @@ class RecursiveGPT(nn.Module):
         | RMSNorm weights           | 1                                          |
         | init_state.y, .z (buffers) | N(0, 1) truncated at ±2, own seed (TRM)   |
         | halt_head                 | weight 0, bias −5 (TRM: start by not halting) |
+        | exit_gate                 | weight 0, bias 0 (uniform exit, by the offsets) |
         """
         c = self.config
         nn.init.normal_(self.tok_emb.weight, std=1.0)
@@ -129,6 +156,9 @@ class RecursiveGPT(nn.Module):
         if self.halt_head is not None:
             nn.init.zeros_(self.halt_head.weight)
             nn.init.constant_(self.halt_head.bias, -5.0)
+        if self.exit_gate is not None:
+            nn.init.zeros_(self.exit_gate.weight)
+            nn.init.zeros_(self.exit_gate.bias)
 
     def set_activation_checkpointing(self, fn: StackFn | None) -> None:
         """Wrap every graded application of the stack in fn(stack, h, cos, sin), e.g.
@@ -197,16 +227,32 @@ class RecursiveGPT(nn.Module):
         y = self.apply_stack(y + z, pos, cache)
         return y, z
 
+    def recursions(self, step: int, cache: KVCache | None = None) -> tuple[int, int]:
+        """(recursions, graded ones) for this supervision step. Training (train mode, gradients
+        on) with depth_sampling draws the depth from (batch counter, step), the counter moving
+        on at step 0; everything else runs T_recursion. The last backprop_recursions of them
+        carry gradients."""
+        c = self.config
+        n = c.T_recursion
+        if (self.depth_draws is not None and cache is None and self.training
+                and torch.is_grad_enabled()):
+            if step == 0:
+                self.depth_draws += 1
+            n = sample_recursions(c, int(self.depth_draws), step)
+        return n, min(c.backprop_recursions, n)
+
     def supervision_step(self, idx: torch.Tensor, y: torch.Tensor | None = None,
                          z: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                         step: int = 0, prev_loss: torch.Tensor | None = None,
+                         step: int = 0, prev_loss: torch.Tensor | StepCarry | None = None,
                          keep_logits: bool = True, pos: int = 0,
                          cache: KVCache | None = None, detach: bool = True) -> StepOutput:
-        """One supervision step: T-1 recursions without gradients, one with, then the head.
+        """One supervision step: T-k recursions without gradients, k with (k =
+        backprop_recursions, 1 by default; T drawn per batch with depth_sampling), then the head.
 
         y, z None means the initial state (step 0). With targets, the step's loss and its share
         of the total objective are returned; call objective.backward() before the next step to
-        keep peak memory flat. prev_loss is L_{s-1} for the improvement reward.
+        keep peak memory flat. prev_loss is the previous step's carry (StepOutput.carry), or
+        just L_{s-1} for the improvement reward; with exit_gate the carry is required.
         detach=False returns y, z still in the graph, so a later step's loss reaches back into
         this one (with T_recursion 1; a no-grad recursion cuts the graph anyway). That breaks
         SPEC section 2 (no gradient crosses supervision steps; memory flat in N_sup): it exists
@@ -226,21 +272,36 @@ class RecursiveGPT(nn.Module):
             if self.step_cond is not None:
                 a, b = self.step_cond[:, min(step, self.step_cond.size(1) - 1)].to(x.dtype)
                 x = x * (1 + a) + b
+            n_rec, n_graded = self.recursions(step, cache)
             with torch.no_grad():
-                for _ in range(c.T_recursion - 1):
+                for _ in range(n_rec - n_graded):
                     y, z = self.latent_recursion(x, y, z, pos, cache)
-            y, z = self.latent_recursion(x, y, z, pos, cache)
+            for _ in range(n_graded):
+                y, z = self.latent_recursion(x, y, z, pos, cache)
         logits = at_least_fp32(self.lm_head(self.final_norm(y)))          # (B, T, vocab)
         if c.logit_softcap > 0:
             logits = c.logit_softcap * torch.tanh(logits / c.logit_softcap)
         halt = at_least_fp32(self.halt_head(y).squeeze(-1)) if self.halt_head is not None else None
         out = StepOutput(y=y.detach() if detach else y, z=z.detach() if detach else z,
-                         halt_logits=halt)
+                         halt_logits=halt, recursions=n_rec if c.recursion else 1)
+        carry = prev_loss if isinstance(prev_loss, StepCarry) else StepCarry(loss=prev_loss)
+        known = step == 0 or step >= c.N_sup or carry.log_stay is not None
+        if self.exit_gate is not None and not known and targets is not None:
+            raise ValueError("exit_gate: pass the previous step's StepOutput.carry as "
+                             "prev_loss (it holds the running exit state)")
+        if self.exit_gate is not None and known:
+            out.exit_prob, out.carry, gate = self.exit_state(y.detach(), step, carry)
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-            w = self.weights[step] if step < len(self.weights) else self.weights[-1]
-            objective = w * loss + improvement_penalty(loss, prev_loss,
-                                                       c.improvement_reward_scale)
+            if self.exit_gate is None:
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+                w = self.weights[step] if step < len(self.weights) else self.weights[-1]
+                objective = w * loss + improvement_penalty(loss, carry.loss,
+                                                           c.improvement_reward_scale)
+                out.carry = StepCarry(loss=loss.detach())
+            else:
+                loss, objective = exit_objective(logits, targets, out.exit_prob, gate,
+                                                 c.exit_entropy_beta)
+                out.carry.loss = loss.detach()
             if halt is not None:
                 objective = objective + c.halt_loss_weight / c.N_sup * halting_loss(
                     halt, logits, targets)
@@ -248,6 +309,39 @@ class RecursiveGPT(nn.Module):
         if keep_logits:
             out.logits = logits
         return out
+
+    def exit_state(self, y: torch.Tensor, step: int, carry: StepCarry):
+        """The exit gate at this step, on y (detached). Returns p_s (B, T, detached), the carry
+        for the next step, and (log λ_s, the earlier gates' share) with gradients into the gate
+        for exit_objective. Steps past N_sup (evaluation beyond the trained steps) exit nothing.
+
+        Why a running sum, not the earlier gates' graphs: d log p_s / dθ = (1 − λ_s)·[y_s, 1] −
+        Σ_{j<s} λ_j·[y_j, 1] for the affine gate θ = (w, b), and the sum is known by step s. So
+        w·Σ λ_j y_j + b·Σ λ_j (sums detached) carries the earlier gates' gradient into this
+        step's own backward, and the carry stays the same size whatever N_sup is."""
+        c = self.config
+        B, T = y.shape[:2]
+        f = torch.promote_types(y.dtype, torch.float32)  # gate arithmetic in fp32 or better
+        zero = y.new_zeros(B, T, dtype=f)
+        log_stay = zero if step == 0 else carry.log_stay
+        if step >= c.N_sup:
+            return zero, StepCarry(log_stay=log_stay, gate_sum=carry.gate_sum,
+                                   gate_count=carry.gate_count), None
+        w, b = self.exit_gate.weight[0].to(f), self.exit_gate.bias[0].to(f)
+        yf = y.to(f)
+        earlier = zero if step == 0 else carry.gate_sum @ w + carry.gate_count * b   # (B, T)
+        if step == c.N_sup - 1:  # the last step takes the mass that has not exited
+            log_lam, nxt = torch.zeros_like(zero), StepCarry()
+        else:
+            a = yf @ w + b + self.exit_offsets[step]                                  # (B, T)
+            log_lam = F.logsigmoid(a)
+            lam = torch.sigmoid(a).detach()
+            nxt = StepCarry(
+                log_stay=log_stay + F.logsigmoid(-a).detach(),
+                gate_sum=lam.unsqueeze(-1) * yf + (0 if step == 0 else carry.gate_sum),
+                gate_count=lam + (0 if step == 0 else carry.gate_count))
+        log_p = (log_stay + log_lam).detach()
+        return log_p.exp(), nxt, (log_lam, earlier, log_p)
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
@@ -271,7 +365,7 @@ class RecursiveGPT(nn.Module):
             if st.loss is not None:
                 out.step_losses.append(st.loss)
                 total = st.objective if total is None else total + st.objective
-                prev = st.loss
+            prev = st.carry
             if targets is None and should_halt(st.halt_logits, c.halt_threshold):
                 break
         out.logits = out.step_logits[-1]
@@ -332,23 +426,61 @@ class RecursiveGPT(nn.Module):
         """The inference recursion of forward() (halting included), keeping only the last
         position's logits rather than every step's (B, T, vocab). Returns them and the steps run."""
         c = self.config
-        y = z = None
+        y = z = prev = None
         for s in range(c.N_sup_inference):
-            st = self.supervision_step(idx, y, z, step=s)
-            y, z = st.y, st.z
+            st = self.supervision_step(idx, y, z, step=s, prev_loss=prev)
+            y, z, prev = st.y, st.z, st.carry
             if should_halt(st.halt_logits, c.halt_threshold):
                 break
         return st.logits[:, -1], s + 1
 
     def cached_step(self, new: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the whole inference recursion on the new positions only; returns their logits."""
-        y = z = None
+        y = z = prev = None
         pos = cache.pos
         for s in range(self.config.N_sup_inference):
-            st = self.supervision_step(new, y, z, step=s, pos=pos, cache=cache)
-            y, z = st.y, st.z
+            st = self.supervision_step(new, y, z, step=s, prev_loss=prev, pos=pos, cache=cache)
+            y, z, prev = st.y, st.z, st.carry
         cache.advance(new.size(1))
         return st.logits
+
+
+def sample_recursions(cfg: GPTConfig, draw: int, step: int) -> int:
+    """Recursions of supervision step `step` in training batch `draw` (depth_sampling): a pure
+    function of its arguments (its own seeded generator, not the global RNG), so every rank
+    that has seen the same number of batches draws the same depth. Mean T_recursion, >= 1."""
+    g = torch.Generator().manual_seed(1_000_003 * draw + step)
+    lam = torch.tensor([cfg.T_recursion - 1.0], dtype=torch.float64)
+    if cfg.depth_sampling == "poisson-lognormal":
+        sig = LOGNORMAL_SIGMA
+        tau = torch.normal(math.log(cfg.T_recursion - 1) - sig ** 2 / 2, sig, (1,), generator=g,
+                           dtype=torch.float64)
+        lam = tau.exp()
+    r = 1 + int(torch.poisson(lam, generator=g).item())
+    return min(r, MAX_DEPTH_FACTOR * cfg.T_recursion)
+
+
+def exit_objective(logits: torch.Tensor, targets: torch.Tensor, p: torch.Tensor,
+                   gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                   beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_s, this step's share of Σ_s p_s·L_s − β·H(p)), averaged over scored tokens.
+
+    The value is mean(p_s·ℓ_s + β·p_s·log p_s). Gradients: the LM gets sg(p_s)·∇ℓ_s; the gate
+    gets c_s·p_s·∇log p_s with c_s = sg(ℓ_s + β(log p_s + 1)) (d(pℓ + βp log p) = c·dp), where
+    ∇log p_s = ∇log λ_s − ∇(w·Σλ_j y_j + b·Σλ_j) (exit_state). Summed over the steps, this is the
+    gradient of one backward of the whole objective (tests/test_model_exit.py)."""
+    valid = targets != -1
+    n = valid.sum().clamp(min=1)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1,
+                         reduction="none").view_as(targets)                          # (B, T)
+    loss = (ce * valid).sum() / n
+    if gate is None:  # past the trained steps: no exit mass, no objective
+        return loss, loss * 0.0
+    log_lam, earlier, log_p = gate
+    c = (ce + beta * (log_p + 1)).detach()
+    surrogate = (c * p) * (log_lam - earlier)          # gradient only, into the gate
+    per_token = p * ce + beta * p * log_p + surrogate - surrogate.detach()
+    return loss, (per_token * valid).sum() / n
 
 
 def halting_loss(halt_logits: torch.Tensor, logits: torch.Tensor,

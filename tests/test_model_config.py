@@ -63,6 +63,8 @@ def non_embedding_params(model: RecursiveGPT) -> int:
     {"state_init": "input"},
     {"n_kv_head": 4, "n_layer": 3, "norm_style": "pre", "halting": True, "state_init": "input"},
     {"recursion": False},
+    {"exit_gate": True},
+    {"depth_sampling": "poisson", "backprop_recursions": 2},
     {"qk_norm": True, "input_norm": True, "zero_init_out": True, "logit_softcap": 15.0},
 ])
 def test_num_params_equals_built_model(tiny_config, overrides) -> None:
@@ -106,6 +108,12 @@ def test_parameter_groups_cover_every_parameter_once(tiny_config) -> None:
     ({"norm_style": "sandwich"}, ["norm_style"]),
     ({"state_init": "zeros"}, ["state_init"]),
     ({"n_layers": 4}, ["n_layers"]),                          # unknown key
+    ({"depth_sampling": "uniform"}, ["depth_sampling"]),
+    ({"depth_sampling": "poisson", "T_recursion": 1}, ["depth_sampling", "T_recursion"]),
+    ({"backprop_recursions": 3}, ["backprop_recursions", "T_recursion"]),  # tiny: T 2
+    ({"backprop_recursions": 0}, ["backprop_recursions"]),
+    ({"exit_gate": True, "N_sup": 1}, ["exit_gate", "N_sup"]),
+    ({"exit_entropy_beta": -0.1}, ["exit_entropy_beta"]),
 ])
 def test_invalid_config_is_refused_naming_the_key(overrides, names) -> None:
     with pytest.raises(ValueError) as err:

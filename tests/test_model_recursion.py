@@ -3,6 +3,7 @@ blocks unrolled by hand, where gradients flow, and the per-step backward against
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model import RecursiveGPT
+from model.gpt import halting_loss
 from model.losses import step_weights
 
 VARIANTS = [("post", "fixed"), ("post", "input"), ("pre", "fixed"), ("pre", "input")]
@@ -258,6 +260,70 @@ def test_per_step_backward_equals_one_backward(tiny_config, per_step_train, over
     # the improvement reward is active somewhere, so its per-step split is exercised too
     assert any(b > a for a, b in pairwise(losses))
     assert all(g is not None for g in per_step.values())
+
+
+@pytest.mark.parametrize("overrides", [{}, {"T_recursion": 1, "halting": True}])
+def test_per_step_backward_equals_one_backward_with_the_exit_gate(tiny_config, overrides):
+    """exit_gate: each step's backward (its LM loss weighted by sg(p_s), the gate's share
+    through the carried running sum) gives the gradients of one backward of the whole objective
+    Σ_s p_s·L_s − β·H(p), written out here from the steps' logits and a fresh gate on the
+    detached states (not from the model's per-step objectives)."""
+    cfg = tiny_config(exit_gate=True, exit_entropy_beta=0.3, N_sup=4, zero_init_out=False,
+                      **overrides)
+    model = build(cfg)
+    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    torch.nn.init.constant_(model.exit_gate.bias, -0.2)
+    if cfg.halting:
+        torch.nn.init.normal_(model.halt_head.weight, std=0.1)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    tgt = torch.randint(0, cfg.vocab_size, (2, 16))
+    tgt[0, :3] = -1
+
+    y = z = prev = None
+    for s in range(cfg.N_sup):  # the trainer's path
+        st = model.supervision_step(idx, y, z, tgt, step=s, prev_loss=prev)
+        st.objective.backward()
+        y, z, prev = st.y, st.z, st.carry
+    per_step = grads(model)
+    model.zero_grad(set_to_none=True)
+
+    valid = tgt != -1
+    y = z = None
+    ces, lams, halts = [], [], []
+    for s in range(cfg.N_sup):  # one graph, no targets: the model computes no objective
+        st = model.supervision_step(idx, y, z, step=s)
+        ces.append(F.cross_entropy(st.logits.flatten(0, 1), tgt.flatten(), ignore_index=-1,
+                                   reduction="none").view_as(tgt))
+        if s < cfg.N_sup - 1:
+            lams.append(torch.sigmoid(model.exit_gate(st.y).squeeze(-1)
+                                      - math.log(cfg.N_sup - 1 - s)))
+        if cfg.halting:
+            halts.append(halting_loss(st.halt_logits, st.logits, tgt))
+        y, z = st.y, st.z
+    stay, p = 1.0, []
+    for lam in lams:
+        p.append(lam * stay)
+        stay = stay * (1 - lam)
+    p.append(stay)
+    per_token = sum(ps * ce + cfg.exit_entropy_beta * ps * ps.log()
+                    for ps, ce in zip(p, ces, strict=True))
+    whole = per_token[valid].mean() + sum(cfg.halt_loss_weight / cfg.N_sup * h for h in halts)
+    whole.backward()
+    assert_same_grads(per_step, grads(model))
+    assert per_step["exit_gate.weight"].abs().sum() > 0
+    # the hand-set step weights give other gradients: the comparison can fail
+    model.zero_grad(set_to_none=True)
+    plain = build(cfg.replace(exit_gate=False, improvement_reward_scale=0.0))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not k.startswith("exit_gate")})
+    y = z = None
+    for s in range(cfg.N_sup):
+        st = plain.supervision_step(idx, y, z, tgt, step=s)
+        st.objective.backward()
+        y, z = st.y, st.z
+    name = "lm_head.weight"
+    assert not torch.allclose(dict(plain.named_parameters())[name].grad, per_step[name],
+                              rtol=1e-3)
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tiny_config, per_step_train):

@@ -23,28 +23,29 @@ from torch import nn
 from launcher.engine.config import RunConfig
 from launcher.engine.dist import choose_accelerator
 from launcher.engine.evaluate import eval_sums
-from model import RecursiveGPT
+from model import RecursiveGPT, StepCarry
 
 
 class SupervisionStepModule(nn.Module):
     """What the engine wraps. forward runs one supervision step of the recursive GPT and returns
-    (objective, loss, y, z); y and z are detached and go into the next call."""
+    (objective, carry, y, z); y, z and carry (a StepCarry: the step's loss, detached, and with
+    exit_gate the running exit state) are detached and go into the next call as y, z, prev."""
 
     def __init__(self, model: RecursiveGPT) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, idx: torch.Tensor, y: torch.Tensor | None, z: torch.Tensor | None,
-                targets: torch.Tensor, step: int, prev_loss: torch.Tensor | None,
+                targets: torch.Tensor, step: int, prev: StepCarry | torch.Tensor | None,
                 token_bytes: torch.Tensor | None = None):
         """With token_bytes (evaluation), the first output is the step's eval_sums instead of
         its objective: the (B, T, vocab) logits are reduced here, inside the call (where ZeRO-3
         has the weights), and never outlive the step."""
-        st = self.model.supervision_step(idx, y, z, targets, step=step, prev_loss=prev_loss,
+        st = self.model.supervision_step(idx, y, z, targets, step=step, prev_loss=prev,
                                          keep_logits=token_bytes is not None)
         if token_bytes is not None:
-            return eval_sums(st.logits, targets, token_bytes), st.loss, st.y, st.z
-        return st.objective, st.loss, st.y, st.z
+            return eval_sums(st.logits, targets, token_bytes), st.carry, st.y, st.z
+        return st.objective, st.carry, st.y, st.z
 
 
 def resolve_precision(precision: str) -> str:

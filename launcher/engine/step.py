@@ -20,11 +20,12 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
                update_mode: str, nan_at_step: bool = False) -> tuple[list[float], bool]:
     """One training batch = N_sup supervision steps on each micro-batch.
 
-    Each engine call is one supervision step: T-1 recursions without gradients, one with, the
-    head and the step's loss (model.supervision_step). Its share of the objective
-    (w_s·L_s + improvement penalty [+ halting]) is backpropagated at once, so only one step's
-    activations are alive; y and z come back detached. engine.step() only applies at the
-    accumulation boundary:
+    Each engine call is one supervision step: T-k recursions without gradients, k with
+    (k = backprop_recursions), the head and the step's loss (model.supervision_step). Its
+    share of the objective (w_s·L_s + improvement penalty [+ halting], or with exit_gate its
+    share of Σ p_s·L_s − β·H(p)) is backpropagated at once, so only one step's activations
+    are alive; y, z and the carry (the step's loss and exit state) come back detached.
+    engine.step() only applies at the accumulation boundary:
       accumulate: boundary after all N_sup steps of all micro-batches (one update per batch);
       per_step:   boundary after step s of every micro-batch (one update per supervision step).
     The engine divides every backward by its gradient_accumulation_steps (micro-batches × N_sup
@@ -49,7 +50,7 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
     for i, s in order:
         idx, tgt = batches[i]
         y, z, prev = states[i]
-        objective, loss, y, z = engine(idx, y, z, tgt, s, prev)
+        objective, carry, y, z = engine(idx, y, z, tgt, s, prev)
         if nan_at_step and s == 0:
             objective = objective * float("nan")  # fault injection (TRMGPT_FAULTS=nan@STEP)
         ok = ok and not any_rank(not bool(torch.isfinite(objective)))
@@ -66,8 +67,8 @@ def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], n_sup: 
                 # DeepSpeed's overflow path skips the scheduler too; stage 0's dropped update
                 # went through the engine and stepped it: the schedule follows the step count
                 engine.lr_scheduler.step()
-        states[i] = (y, z, loss.detach())
-        step_losses[s] += loss.item() / len(batches)
+        states[i] = (y, z, carry)  # carry: the step's loss (and exit state), detached
+        step_losses[s] += carry.loss.item() / len(batches)
     return step_losses, ok
 
 
