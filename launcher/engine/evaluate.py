@@ -41,8 +41,10 @@ def eval_sums(logits: torch.Tensor, targets: torch.Tensor,
 
 def eval_batch(step_fn, idx: torch.Tensor, targets: torch.Tensor, n_sup: int,
                token_bytes: torch.Tensor) -> torch.Tensor:
-    """(n_sup, SUMS) for one batch. step_fn(idx, y, z, targets, s, prev_loss, token_bytes) ->
-    (sums, loss, y, z): a SupervisionStepModule, or the engine that wraps one."""
+    """(n_sup, SUMS) for one batch. step_fn(idx, y, z, targets, s, carry, token_bytes) ->
+    (sums, carry, y, z), carry being what one supervision step hands the next (model.StepCarry:
+    its detached loss, the exit gate's state): a SupervisionStepModule, or the engine that wraps
+    one."""
     out = []
     y = z = prev = None
     for s in range(n_sup):
