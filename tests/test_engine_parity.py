@@ -75,8 +75,8 @@ def weights_digest(model, stage: int) -> str:
 
 def probe_loss(engine, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
     with torch.no_grad():
-        _, loss, _, _ = engine(batch[0], None, None, batch[1], 0, None)
-    return loss.item()
+        _, carry, _, _ = engine(batch[0], None, None, batch[1], 0, None)
+    return carry.loss.item()
 
 
 @pytest.fixture(scope="module")
