@@ -84,10 +84,12 @@ class Head:
                                      start_new_session=True)  # its own process group
 
     def wait_ready(self, timeout: float = 300) -> None:
-        """Until a client holding the token can list jobs (the HTTP server answers before the
-        job module is up, and a loaded machine takes its time)."""
+        """Until a client holding the token can list jobs and sees the head node alive (the
+        HTTP server answers before the job module is up and before the raylet registers, and a
+        loaded machine takes its time)."""
         code = ("from ray.job_submission import JobSubmissionClient as C; import sys; "
-                "C(sys.argv[1]).list_jobs()")
+                "from launcher.jobs.ray_jobs import cluster_nodes; c = C(sys.argv[1]); "
+                "c.list_jobs(); sys.exit(0 if cluster_nodes(c, wait=0) else 1)")
         end = time.time() + timeout
         while time.time() < end:
             assert self.proc.poll() is None, (self.tmp / "head.log").read_text()[-3000:]

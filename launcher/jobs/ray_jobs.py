@@ -119,14 +119,20 @@ def storage_url(storage: str | None) -> str:
     return storage.rstrip("/")
 
 
-def cluster_nodes(c) -> list[dict[str, Any]]:
+def cluster_nodes(c, wait: float = 60.0) -> list[dict[str, Any]]:
     """The cluster's alive nodes and their resources (Ray's state API, through the dashboard,
-    with the same auth as the job API)."""
-    r = c._do_request("GET", "/api/v0/nodes?limit=10000&detail=true")
-    if r.status_code != 200:
-        raise JobsError(f"cannot list the cluster's nodes ({r.status_code}: {r.text[:200]})")
-    rows = r.json()["data"]["result"]["result"]
-    return [n for n in rows if n.get("state") == "ALIVE"]
+    with the same auth as the job API). The dashboard answers before the head's own raylet has
+    registered (a cluster just started, a loaded head): an empty list is asked again for up to
+    `wait` seconds, since a cluster that serves this API always has its head node."""
+    end = time.time() + wait
+    while True:
+        r = c._do_request("GET", "/api/v0/nodes?limit=10000&detail=true")
+        if r.status_code != 200:
+            raise JobsError(f"cannot list the cluster's nodes ({r.status_code}: {r.text[:200]})")
+        alive = [n for n in r.json()["data"]["result"]["result"] if n.get("state") == "ALIVE"]
+        if alive or time.time() >= end:
+            return alive
+        time.sleep(2)
 
 
 def describe_cluster(nodes: list[dict[str, Any]]) -> str:
