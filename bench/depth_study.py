@@ -287,6 +287,8 @@ def chance_note(task: Any) -> str:
                 "chains' roots.")
     if task.name == "perm":
         return f"Chance: 1/{task.n_symbols} per answer."
+    if task.name == "cycle":
+        return f"Chance: 1/{task.n_symbols - 1} per answer (never the query itself)."
     return "Chance: 10^-(k+1) for a k-digit sum (every digit of the sum must be right)."
 
 

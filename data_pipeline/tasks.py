@@ -1,12 +1,14 @@
 """Generated depth tasks: seeded, endless problems whose answers need serial computation.
 
-Three tasks, each with a difficulty knob:
+Four tasks, each with a difficulty knob:
   * perm:     k-hop lookup in an in-context permutation. A table of n_symbols entries `x>y`
               (a random permutation of the digits, entries shuffled) then `|` and n_queries
               queries `x=` whose answer is pi^k(x). In the study's tokens every table entry is
               ONE token, so one hop is one attention lookup: a 2-layer plain GPT can do about
               two, the recursion as many as it has applications. Queries are distinct symbols
               (no query repeats an earlier one, so no answer can be copied).
+  * cycle:    perm on a permutation that is one cycle through all symbols (no short cycle
+              lets a query be answered without taking every hop).
   * pointer:  variable binding with k hops. `n_chains` chains `v0=d; v1=v0; ...; vk=v(k-1)`
               (all assignments shuffled together), then one query `?vk=` for one chain whose
               answer is that chain's root digit (one query only: with a query per chain the
@@ -123,10 +125,10 @@ class PermTask:
 
     def example(self, rng: random.Random, k: int) -> Segments:
         if not 1 <= k <= self.max_difficulty():
-            raise ValueError(f"perm: hops must be in [1, {self.max_difficulty()}], got {k}")
+            raise ValueError(f"{self.name}: hops must be in [1, {self.max_difficulty()}], "
+                             f"got {k}")
         sym = "0123456789"[:self.n_symbols]
-        image = rng.sample(sym, len(sym))
-        pi = dict(zip(sym, image, strict=True))
+        pi = self.permutation(rng, sym)
         table = [f"{x}>{pi[x]}" for x in rng.sample(sym, len(sym))]
         segs: Segments = [(" ".join(table) + " |", False)]
         for x in rng.sample(sym, self.n_queries):
@@ -136,13 +138,33 @@ class PermTask:
             segs += [(f" {x}=", False), (y, True)]
         return segs
 
+    def permutation(self, rng: random.Random, sym: str) -> dict[str, str]:
+        return dict(zip(sym, rng.sample(sym, len(sym)), strict=True))
+
     def length(self, k: int) -> int:
         """Tokens of an example (table entries are one token each; spaces are not tokens)."""
         return self.n_symbols + 1 + 3 * self.n_queries
 
 
-TASKS = {"pointer": PointerTask, "addition": AdditionTask, "perm": PermTask}
-Task = PointerTask | AdditionTask | PermTask
+@dataclass(frozen=True)
+class CycleTask(PermTask):
+    """perm whose permutation is one cycle through every symbol. A random permutation of a few
+    symbols has short cycles (pi^k(x) = x for every x on a cycle whose length divides k), which
+    lets a model answer many k-hop queries without chasing; on one n-cycle pi^k(x) != x for
+    every k < n, and the k-hop answers of x are all different, so each hop must be taken."""
+
+    name: str = "cycle"
+
+    def max_difficulty(self) -> int:
+        return self.n_symbols - 1  # pi^n is the identity
+
+    def permutation(self, rng: random.Random, sym: str) -> dict[str, str]:
+        order = rng.sample(sym, len(sym))
+        return {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+
+
+TASKS = {"pointer": PointerTask, "addition": AdditionTask, "perm": PermTask, "cycle": CycleTask}
+Task = PointerTask | AdditionTask | PermTask | CycleTask
 
 
 def make_task(name: str, **params: Any) -> Task:
