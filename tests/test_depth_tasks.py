@@ -13,6 +13,7 @@ from data_pipeline.spec import DataSpec
 from data_pipeline.tasks import (
     VOCAB,
     AdditionTask,
+    CycleTask,
     PermTask,
     PointerTask,
     answer_correct,
@@ -168,6 +169,35 @@ def test_perm_answers_are_k_hops_and_entries_are_one_token(k: int) -> None:
             assert x == y
         ids, ans = encode(segs)
         assert len(ids) == task.length(k) and max(ans) == 5
+
+
+def test_cycle_is_one_cycle_so_every_hop_counts() -> None:
+    """On one n-cycle no k-hop answer (k < n) is the query itself and the k-hop answers of a
+    symbol differ for every k: no shortcut through short cycles (a random permutation of 6
+    symbols answers about a third of its 4-hop queries with the query itself)."""
+    task = CycleTask(n_symbols=6, n_queries=3)
+    assert task.max_difficulty() == 5
+    with pytest.raises(ValueError, match="cycle: hops must be in"):
+        task.example(random.Random(0), 6)
+    fixed = {"perm": 0, "cycle": 0}
+    for name, t in (("perm", PermTask(n_symbols=6, n_queries=3)), ("cycle", task)):
+        rng = random.Random(1)
+        for _ in range(200):
+            segs = t.example(rng, 4)
+            table, queries = text_of(segs).split("|")
+            pi = dict(e.split(">") for e in table.split())
+            for q in queries.split():
+                x, y = q.split("=")
+                fixed[name] += x == y
+            if name == "cycle":
+                x, seen = "0", []
+                for _ in range(6):
+                    seen.append(x)
+                    x = pi[x]
+                assert x == "0" and sorted(seen) == list("012345")  # one cycle through all
+    assert fixed["cycle"] == 0 and fixed["perm"] > 100, fixed
+    path_task, _, _ = parse_task_path("task:cycle?difficulty=1-4&n_symbols=6&n_queries=3")
+    assert path_task == task
 
 
 def test_leak_check_passes_causal_configs_and_catches_a_planted_leak() -> None:
