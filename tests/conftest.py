@@ -14,19 +14,6 @@ import pytest
 
 from tests.helpers import per_step_backward
 
-# The longest test files first (seconds each took in `make test` on 2 cores, 2026-12-03), so the
-# two pytest workers (Makefile: --dist loadfile --no-loadscope-reorder) start on them and the
-# many short files fill in around them. In collection order, xdist's default reorders by test
-# count, which left the three Ray files (few tests, ~1600 s together) for the end on whichever
-# worker came free: ~160 s of one idle core.
-LONGEST_FIRST = ["test_ray_multinode.py", "test_ray_train.py", "test_ray_jobs.py",
-                 "test_engine_runs.py", "test_bench_smoke.py", "test_data_job.py"]
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: the rest as found
-
 # A short English text written for these tests (char-level training needs no tokenizer).
 ENGLISH_TEXT = """\
 The lighthouse keeper climbed the stairs every evening before the sun went down. He carried a
