@@ -59,7 +59,7 @@ $(CLOUD_STAMP): $(STAMP) pyproject.toml
 # Two pytest workers, a test file each (module fixtures stay shared): the suite alone keeps 2 cores
 # about 70% busy (process start-up, Ray's health checks); two files side by side fill them. (Tried:
 # the longest files first, in a conftest order: the Ray files then ran side by side and the suite
-# took 1731 s against 1498 s in xdist's own order, by test count.)
+# took 1731 s against 1498 s in xdist's own order, by test count, on the same loaded machine.)
 XDIST := -n 2 --dist loadfile
 
 test: $(STAMP)  ## the whole suite, slow multi-process and Ray tests included
