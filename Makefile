@@ -149,7 +149,7 @@ stop: $(STAMP)  ## checkpoint, then stop a run's job: RUN=<id> [ARGS="--wait S"]
 	$(BIN)/python -m launcher stop --run $(RUN) $(ARGS)
 
 # One process with make train's global batch (2 workers x 4 sequences of 256 tokens).
-# TASK=addition|perm|cycle|pointer: the depth-task study instead of Shakespeare (its own section of
+# TASK=addition|perm|cycle|pointer|group: the depth-task study instead of Shakespeare (its own section of
 # bench/STUDY.md and bench/study_$(TASK).png); TASK_ARGS replaces the measured setting.
 TASK_ARGS ?= --difficulty 1-3 --batch 64 --steps 500 --eval-every 100 --threads 1 \
 	--set n_embd=64 --set n_loops=1 --set T_recursion=1 --set N_sup=2 --set N_sup_inference=2 \

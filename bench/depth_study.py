@@ -48,10 +48,11 @@ class TaskSetup:
     """One task instance: what is trained on and the held-out batches it is scored on."""
 
     task: Any
-    difficulties: list[int]
+    difficulties: list[int]  # scored: those with held-out examples
     seq_len: int
     heldout: list[tuple[torch.Tensor, ...]]
     exclude: set[str]
+    trained: list[int]  # every difficulty trained on (short tables are trained, not scored)
 
     @classmethod
     def build(cls, name: str, difficulties: list[int], n_per: int = 128, batch: int = 128,
@@ -60,7 +61,9 @@ class TaskSetup:
         seq_len = max(task.length(d) for d in difficulties) - 1
         held = heldout_set(task, difficulties, n_per)
         batches = [task_batch(held[i:i + batch], seq_len) for i in range(0, len(held), batch)]
-        return cls(task, difficulties, seq_len, batches, heldout_texts(task, difficulties, n_per))
+        scored = sorted({d for d, _ in held})
+        return cls(task, scored, seq_len, batches, heldout_texts(task, difficulties, n_per),
+                   difficulties)
 
     def overrides(self) -> dict[str, Any]:
         return {"vocab_size": TASK_VOCAB, "sequence_len": self.seq_len}
@@ -133,7 +136,7 @@ def train_task(name: str, preset: str, overrides: dict[str, Any], setup: TaskSet
     model = RecursiveGPT(mc)
     opt = build_optimizer(model, run)
     sched = build_scheduler(opt, run)
-    data = train_examples(setup.task, setup.difficulties, [seed, "train"], setup.exclude)
+    data = train_examples(setup.task, setup.trained, [seed, "train"], setup.exclude)
     res = TaskResult(name, {"preset": preset, **overrides}, params=mc.num_params())
     fpt = mc.flops_per_token(training=True)
     train_s = 0.0
@@ -289,6 +292,8 @@ def chance_note(task: Any) -> str:
         return f"Chance: 1/{task.n_symbols} per answer."
     if task.name == "cycle":
         return f"Chance: 1/{task.n_symbols - 1} per answer (never the query itself)."
+    if task.name == "group":
+        return f"Chance: 1/{len(task.elements())} per answer (the group's elements)."
     return "Chance: 10^-(k+1) for a k-digit sum (every digit of the sum must be right)."
 
 

@@ -1,6 +1,6 @@
 """Generated depth tasks: seeded, endless problems whose answers need serial computation.
 
-Four tasks, each with a difficulty knob:
+Five tasks, each with a difficulty knob:
   * perm:     k-hop lookup in an in-context permutation. A table of n_symbols entries `x>y`
               (a random permutation of the digits, entries shuffled) then `|` and n_queries
               queries `x=` whose answer is pi^k(x). In the study's tokens every table entry is
@@ -15,6 +15,13 @@ Four tasks, each with a difficulty knob:
               last answer follows by elimination, a shortcut a 2-layer GPT finds at once).
               Resolving a query takes k lookups in a row; a transformer does about one lookup
               per layer application, so a 2-layer plain GPT can do ~1 hop.
+  * group:    the word problem of the symmetric group S_n (n_items 3: six elements, n_items 4:
+              24), each element one letter: k letters, `=`, then the letter of their product
+              g1 g2 ... gk (apply g1 first). S_3 is not abelian, so the answer depends on the
+              order and no counting shortcut gives it; each letter needs the state the previous
+              ones left, a chain as long as the word. A position that reads its left neighbour
+              and composes takes one step per layer application: a 2-layer plain GPT can fold
+              a few letters, the recursion as many as it has applications.
   * addition: `a+b=` with two `difficulty`-digit numbers, the sum written most-significant digit
               first (difficulty+1 digits, zero-padded): the first answer digit depends on the
               carry out of every lower digit, a chain as long as the number.
@@ -32,6 +39,7 @@ Pure Python plus torch for the tensor helpers; it never imports model/.
 
 from __future__ import annotations
 
+import itertools
 import random
 import zlib
 from collections.abc import Iterator
@@ -163,8 +171,49 @@ class CycleTask(PermTask):
         return {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
 
 
-TASKS = {"pointer": PointerTask, "addition": AdditionTask, "perm": PermTask, "cycle": CycleTask}
-Task = PointerTask | AdditionTask | PermTask | CycleTask
+@dataclass(frozen=True)
+class GroupTask:
+    """The word problem of S_n: the product of k group elements, one letter each."""
+
+    n_items: int = 3
+    name: str = "group"
+
+    def __post_init__(self) -> None:
+        if self.n_items not in (3, 4):
+            raise ValueError(f"group: n_items must be 3 or 4 (S_3: 6 elements, S_4: 24, one "
+                             f"letter each), got {self.n_items}")
+
+    def elements(self) -> list[tuple[int, ...]]:
+        return sorted(itertools.permutations(range(self.n_items)))
+
+    def max_difficulty(self) -> int:
+        return 64
+
+    def example(self, rng: random.Random, k: int) -> Segments:
+        if not 1 <= k <= self.max_difficulty():
+            raise ValueError(f"group: word length must be in [1, {self.max_difficulty()}], "
+                             f"got {k}")
+        els = self.elements()
+        word = [rng.randrange(len(els)) for _ in range(k)]
+        acc = tuple(range(self.n_items))
+        for w in word:  # apply g1 first: (g1 g2)(i) = g2(g1(i))
+            g = els[w]
+            acc = tuple(g[a] for a in acc)
+        return [("".join(VARS[w] for w in word) + "=", False), (VARS[els.index(acc)], True)]
+
+    def length(self, k: int) -> int:
+        return k + 2
+
+    def space(self, k: int) -> int:
+        """Distinct examples of word length k. Where they are fewer than 4x the held-out
+        examples per difficulty the words are a table to learn, not a problem to generalise to:
+        that difficulty is trained on whole and not scored (`heldout_set`)."""
+        return len(self.elements()) ** k
+
+
+TASKS = {"pointer": PointerTask, "addition": AdditionTask, "perm": PermTask, "cycle": CycleTask,
+         "group": GroupTask}
+Task = PointerTask | AdditionTask | PermTask | CycleTask | GroupTask
 
 
 def make_task(name: str, **params: Any) -> Task:
@@ -183,10 +232,13 @@ HELDOUT_SEED = 1_000_003  # the held-out stream's seed; train streams never use 
 
 def heldout_set(task: Task, difficulties: list[int],
                 n_per: int) -> list[tuple[int, Segments]]:
-    """The fixed held-out examples: n_per per difficulty, the same on every machine."""
+    """The fixed held-out examples: n_per per difficulty, the same on every machine (none for a
+    difficulty whose whole space is under 4 * n_per examples, where the task says so)."""
     out = []
     for d in difficulties:
         rng = random.Random(f"{task}|{d}|{HELDOUT_SEED}")
+        if hasattr(task, "space") and task.space(d) < 4 * n_per:
+            continue  # a small table (a short group word): trained on whole, not scored
         out += [(d, task.example(rng, d)) for _ in range(n_per)]
     return out
 

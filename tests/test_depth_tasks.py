@@ -14,6 +14,7 @@ from data_pipeline.tasks import (
     VOCAB,
     AdditionTask,
     CycleTask,
+    GroupTask,
     PermTask,
     PointerTask,
     answer_correct,
@@ -198,6 +199,56 @@ def test_cycle_is_one_cycle_so_every_hop_counts() -> None:
     assert fixed["cycle"] == 0 and fixed["perm"] > 100, fixed
     path_task, _, _ = parse_task_path("task:cycle?difficulty=1-4&n_symbols=6&n_queries=3")
     assert path_task == task
+
+
+def test_group_word_is_the_product_in_order_and_short_words_are_trained_not_scored() -> None:
+    """The S_3 word problem: the answer is the product of the word's permutations applied left
+    to right (checked here as permutation matrices), it depends on the order, and a length
+    whose whole space is small (6^3 = 216 words < 4 x 128) is trained on, not held out."""
+    task = GroupTask()
+    els = task.elements()
+    assert len(els) == 6 and len(GroupTask(n_items=4).elements()) == 24
+
+    def matrix(p: tuple[int, ...]) -> torch.Tensor:  # row i has its 1 at column p[i]
+        return torch.eye(3)[list(p)]
+
+    rng = random.Random(0)
+    order_matters = 0
+    for k in (1, 2, 5, 9):
+        for _ in range(100):
+            word, answer = (t for t, _ in task.example(rng, k))
+            assert len(word) == k + 1 and word[-1] == "="
+            m = torch.eye(3)
+            for c in word[:-1]:
+                m = m @ matrix(els["abcdef".index(c)])
+            # m maps e_i to e_{p(i)} composed left to right: row 0 of m is where 0 ends up
+            got = tuple(int(m[i].argmax()) for i in range(3))
+            assert els["abcdef".index(answer)] == got, (word, answer)
+            if k == 2:
+                swapped = task_product(els, word[1] + word[0])
+                order_matters += swapped != got
+    assert order_matters > 20  # S_3 is not abelian: about a third of the pairs do not commute
+    with pytest.raises(ValueError, match="group: word length must be in"):
+        task.example(rng, 0)
+    with pytest.raises(ValueError, match="n_items must be 3 or 4"):
+        GroupTask(n_items=5)
+    held = heldout_set(task, [1, 2, 3, 4, 5], 128)
+    assert {d for d, _ in held} == {4, 5}  # 6, 36 and 216 words: a table, trained whole
+    exclude = heldout_texts(task, [1, 2, 3, 4, 5], 128)
+    drawn = train_examples(task, [1, 2, 3, 4, 5], 0, exclude)
+    seen = [next(drawn) for _ in range(2000)]
+    assert {d for d, _ in seen} == {1, 2, 3, 4, 5}
+    assert not any(text_of(s) in exclude for _, s in seen)
+    path_task, diffs, _ = parse_task_path("task:group?difficulty=2-8&n_items=3")
+    assert path_task == task and diffs == list(range(2, 9))
+
+
+def task_product(els: list[tuple[int, ...]], word: str) -> tuple[int, ...]:
+    acc = (0, 1, 2)
+    for c in word:
+        g = els["abcdef".index(c)]
+        acc = tuple(g[a] for a in acc)
+    return acc
 
 
 def test_leak_check_passes_causal_configs_and_catches_a_planted_leak() -> None:
