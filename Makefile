@@ -150,7 +150,13 @@ stop: $(STAMP)  ## checkpoint, then stop a run's job: RUN=<id> [ARGS="--wait S"]
 
 # One process with make train's global batch (2 workers x 4 sequences of 256 tokens).
 # TASK=addition|perm|cycle|pointer|group: the depth-task study instead of Shakespeare (its own section of
-# bench/STUDY.md and bench/study_$(TASK).png); TASK_ARGS replaces the measured setting.
+# bench/STUDY.md and bench/study_$(TASK).png); TASK_ARGS replaces the measured setting. group: the
+# S_3 word problem where the recursion wins (10,000 steps; about 50 minutes on one core).
+ifeq ($(TASK),group)
+TASK_ARGS ?= --difficulty 1-10 --batch 64 --steps 10000 --eval-every 1000 --threads 1 \
+	--set n_embd=64 --set n_loops=2 --set T_recursion=1 --set N_sup=2 --set N_sup_inference=2 \
+	--infer-sup 4
+endif
 TASK_ARGS ?= --difficulty 1-3 --batch 64 --steps 500 --eval-every 100 --threads 1 \
 	--set n_embd=64 --set n_loops=1 --set T_recursion=1 --set N_sup=2 --set N_sup_inference=2 \
 	--infer-sup 4

@@ -248,9 +248,12 @@ def task_report(results: list[TaskResult], setup: TaskSetup, task: str, preset: 
     rec = results[1]
     lines = [f"## Depth task: {task}", "",
              f"`{' '.join(sys.argv)}` on {torch.get_num_threads()} thread(s), "
-             f"{time.strftime('%Y-%m-%d %H:%M')}. Task `{setup.task}`, difficulties {D} mixed "
-             "uniformly in every batch, loss on answer tokens only; exact-match accuracy on "
-             f"the fixed held-out set ({sum(len(b[0]) for b in setup.heldout)} examples). "
+             f"{time.strftime('%Y-%m-%d %H:%M')}. Task `{setup.task}`, difficulties "
+             f"{setup.trained} mixed uniformly in every batch, loss on answer tokens only; "
+             "exact-match accuracy on the fixed held-out set "
+             f"({sum(len(b[0]) for b in setup.heldout)} examples"
+             + (f", difficulties {D}: the shorter ones are a table small enough to train on "
+                "whole, not scored" if D != setup.trained else "") + "). "
              f"{chance_note(setup.task)} Seconds are training seconds on a 2-core machine "
              "shared with other sessions: compare them only within one run.", "",
              "| config | params | " + " | ".join(f"acc d={d}" for d in D)
