@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from launcher.engine.checkpoint import Checkpointer
-from launcher.engine.dist import DistInfo, choose_accelerator
+from launcher.engine.dist import DistInfo, choose_accelerator, engine_env
 from launcher.engine.evaluate import eval_sums, summarize
 from launcher.engine.metrics import peak_flops_per_device
 from launcher.engine.parallelize import lr_multiplier
@@ -81,3 +81,26 @@ def test_bits_per_byte_leaves_out_targets_without_bytes():
     m = summarize(sums.view(1, -1))
     assert m["val_loss"] == pytest.approx(ce[scored].mean().item())
     assert m["val_bpb"] == pytest.approx(ce[text].sum().item() / (math.log(2) * nbytes))
+
+
+def test_a_build_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_path, monkeypatch):
+    """torch's JIT build holds `<op>/lock` (FileBaton) and every other process waits for it to
+    go; a build killed half-way left one here once and every later run hung in DeepSpeed's shm
+    op build. engine_env (every command that may import deepspeed) clears locks no build could
+    still hold, and leaves a fresh one alone."""
+    import os
+    import time
+
+    from torch.utils.file_baton import FileBaton
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, live = tmp_path / "deepspeed_shm_comm", tmp_path / "other_op"
+    stale.mkdir()
+    live.mkdir()
+    assert FileBaton(str(stale / "lock")).try_acquire()  # what torch leaves when killed
+    assert FileBaton(str(live / "lock")).try_acquire()
+    old = time.time() - 3600
+    os.utime(stale / "lock", (old, old))
+    engine_env()
+    assert not (stale / "lock").exists() and (live / "lock").exists()
+    assert FileBaton(str(stale / "lock")).try_acquire()  # the next build can take it

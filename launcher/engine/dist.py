@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +120,28 @@ def engine_env() -> None:
     choose_accelerator()
     for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
+
+
+STALE_BUILD_S = 600.0  # DeepSpeed's CPU shm op builds in under a minute on 2 shared cores
+
+
+def clear_stale_build_locks(root: Path, max_age_s: float = STALE_BUILD_S) -> list[Path]:
+    """Remove `<op>/lock` files older than max_age_s under torch's extensions folder.
+
+    torch's JIT build (FileBaton) holds an op's folder with a `lock` file and every other
+    process waits, forever, for it to go; a build killed half-way (a timeout, SIGKILL, a lost
+    node) leaves it, and from then on every run hangs in deepspeed.init_distributed building
+    the shm op. A lock this old belongs to no running build. Returns what was removed."""
+    removed = []
+    now = time.time()
+    for lock in root.glob("*/lock") if root.is_dir() else []:
+        try:
+            if now - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:  # another rank got there first
+            continue
+    for lock in removed:
+        print(f"removed a stale build lock left by a killed build: {lock}", file=sys.stderr)
+    return removed
