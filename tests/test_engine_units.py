@@ -87,7 +87,8 @@ def test_a_build_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_
     """torch's JIT build holds `<op>/lock` (FileBaton) and every other process waits for it to
     go; a build killed half-way left one here once and every later run hung in DeepSpeed's shm
     op build. engine_env (every command that may import deepspeed) clears locks no build could
-    still hold, and leaves a fresh one alone."""
+    still hold (nothing in the op's folder changed for 20 minutes), and leaves one whose build
+    is still writing objects alone."""
     import os
     import time
 
@@ -99,8 +100,10 @@ def test_a_build_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_
     live.mkdir()
     assert FileBaton(str(stale / "lock")).try_acquire()  # what torch leaves when killed
     assert FileBaton(str(live / "lock")).try_acquire()
+    (live / "shm.o").write_bytes(b"")  # a build still writing: its lock is old, its objects not
     old = time.time() - 3600
-    os.utime(stale / "lock", (old, old))
+    for f in (stale / "lock", live / "lock"):
+        os.utime(f, (old, old))
     engine_env()
     assert not (stale / "lock").exists() and (live / "lock").exists()
     assert FileBaton(str(stale / "lock")).try_acquire()  # the next build can take it

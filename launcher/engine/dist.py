@@ -123,7 +123,9 @@ def engine_env() -> None:
     clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
 
 
-STALE_BUILD_S = 600.0  # DeepSpeed's CPU shm op builds in under a minute on 2 shared cores
+# DeepSpeed's CPU shm op builds in under a minute on 2 shared cores; a CUDA op on a GPU node can
+# take several minutes, writing an object file into the folder as each unit finishes
+STALE_BUILD_S = 1200.0
 
 
 def clear_stale_build_locks(root: Path, max_age_s: float = STALE_BUILD_S) -> list[Path]:
@@ -132,12 +134,14 @@ def clear_stale_build_locks(root: Path, max_age_s: float = STALE_BUILD_S) -> lis
     torch's JIT build (FileBaton) holds an op's folder with a `lock` file and every other
     process waits, forever, for it to go; a build killed half-way (a timeout, SIGKILL, a lost
     node) leaves it, and from then on every run hangs in deepspeed.init_distributed building
-    the shm op. A lock this old belongs to no running build. Returns what was removed."""
+    the shm op. A lock is stale when nothing in its op's folder (the lock, ninja's objects and
+    logs) has changed for max_age_s: a running build writes there. Returns what was removed."""
     removed = []
     now = time.time()
     for lock in root.glob("*/lock") if root.is_dir() else []:
         try:
-            if now - lock.stat().st_mtime > max_age_s:
+            newest = max(f.stat().st_mtime for f in lock.parent.iterdir())
+            if now - newest > max_age_s:
                 lock.unlink()
                 removed.append(lock)
         except FileNotFoundError:  # another rank got there first
